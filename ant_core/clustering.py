@@ -1,0 +1,293 @@
+"""Interval clustering of diffusion timesteps (ANT): the exact optimum by dynamic programming.
+
+Split the timesteps [0, T) into k contiguous, non-empty, half-open intervals minimising the sum
+of interval costs. The solver is C++ (``ant_core._dp``); this module turns an objective into
+costs, validates input, picks the solver and wraps the result. It does not import torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import schedules as _schedules
+from ._extension import load as _load_extension
+
+__all__ = ["IntervalClusters", "interval_clustering", "interval_clustering_batched", "OBJECTIVES"]
+
+#: objective name -> what it clusters (see interval_clustering's docstring)
+OBJECTIVES = {
+    "timestep": "sum |t - c| over the interval, c its middle index (the paper)",
+    "snr": "sum |SNR_t - SNR_c|, c the middle index (the paper)",
+    "log_snr": "sum |logSNR_t - logSNR_c|, c the middle index",
+    "abs": "sum |x_t - x_c| of a monotone 1-D series `values`, c the middle index",
+    "sse": "sum of squared errors around the interval mean of a 1-D series `values`",
+    "affinity": "-sum_t A[c, t] of a T x T affinity matrix, c the middle index (the paper)",
+    "affinity_medoid": "-max_c sum_t A[c, t]: the best centre of each interval",
+    "affinity_average": "-(1/|I|) sum_{s,t} A[s, t]: average linkage",
+    "cost_matrix": "a user cost C[l, r] for the inclusive interval l..r",
+}
+_METHODS = ("auto", "exact", "monge")
+
+
+@dataclass(frozen=True)
+class IntervalClusters:
+    """The result of interval clustering.
+
+    ``bounds`` are half-open ``(start, end)`` pairs, ascending, covering [0, T) exactly.
+    ``labels[t]`` is the interval of timestep t. ``costs_by_k[j]`` is the optimal objective with
+    ``j + 1`` intervals (inf where the size bounds make that many infeasible).
+    """
+
+    bounds: tuple
+    cost: float = float("nan")
+    costs_by_k: tuple = ()
+    objective: str = "custom"
+    fast_path: bool = False
+    labels: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        bounds = tuple((int(s), int(e)) for s, e in self.bounds)
+        if not bounds:
+            raise ValueError("bounds must hold at least one interval")
+        if bounds[0][0] != 0:
+            raise ValueError(f"bounds must start at 0, got {bounds[0][0]}")
+        for (s, e), nxt in zip(bounds, bounds[1:] + ((None, None),)):
+            if e <= s:
+                raise ValueError(f"every interval must be non-empty, got ({s}, {e})")
+            if nxt[0] is not None and nxt[0] != e:
+                raise ValueError(f"bounds must be contiguous, got ({s}, {e}) then {nxt}")
+        object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "costs_by_k", tuple(float(c) for c in self.costs_by_k))
+        labels = np.repeat(np.arange(len(bounds), dtype=np.int64), self.sizes)
+        labels.setflags(write=False)
+        object.__setattr__(self, "labels", labels)
+
+    @classmethod
+    def from_bounds(cls, bounds, objective: str = "custom") -> "IntervalClusters":
+        """Clusters from explicit bounds, e.g. ``[(0, 200), (200, 1000)]`` (no cost attached)."""
+        return cls(bounds=tuple(bounds), objective=objective)
+
+    @classmethod
+    def uniform(cls, T: int, k: int) -> "IntervalClusters":
+        """k near-equal intervals (the larger ones last), as the reference code's uniform bins."""
+        edges = [round(i * T / k) for i in range(k + 1)]
+        return cls.from_bounds(list(zip(edges[:-1], edges[1:])), objective="uniform")
+
+    @property
+    def k(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def T(self) -> int:
+        return self.bounds[-1][1]
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.array([s for s, _ in self.bounds], dtype=np.int64)
+
+    @property
+    def ends(self) -> np.ndarray:
+        return np.array([e for _, e in self.bounds], dtype=np.int64)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def group_of(self, t):
+        """Interval index of timestep(s) t (an int or an integer array)."""
+        t_arr = np.asarray(t)
+        if np.any(t_arr < 0) or np.any(t_arr >= self.T):
+            raise ValueError(f"t must lie in [0, {self.T})")
+        return np.searchsorted(self.ends, t_arr, side="right")
+
+    def to_dict(self) -> dict:
+        return {
+            "bounds": [list(b) for b in self.bounds],
+            "cost": self.cost,
+            "costs_by_k": list(self.costs_by_k),
+            "objective": self.objective,
+            "fast_path": self.fast_path,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IntervalClusters":
+        return cls(
+            bounds=tuple(tuple(b) for b in d["bounds"]),
+            cost=d.get("cost", float("nan")),
+            costs_by_k=tuple(d.get("costs_by_k", ())),
+            objective=d.get("objective", "custom"),
+            fast_path=d.get("fast_path", False),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __len__(self) -> int:
+        return self.k
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(name, value, minimum=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _float_array(name, value, ndim):
+    try:
+        arr = np.ascontiguousarray(_schedules._to_numpy(value, name), dtype=np.float64)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a numeric array") from exc
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    if ndim == 2 and arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"{name} must be square (T x T), got shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} must be finite; {name}{list(where)} = {arr[where]}")
+    return arr
+
+
+def _resolve_objective(objective, values, affinity, cost_matrix):
+    given = [n for n, v in (("values", values), ("affinity", affinity), ("cost_matrix", cost_matrix)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass only one of values, affinity, cost_matrix (got {', '.join(given)})")
+    if objective is None:
+        objective = {"values": "sse", "affinity": "affinity", "cost_matrix": "cost_matrix"}.get(
+            given[0] if given else "", "log_snr")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    needs = {"abs": "values", "sse": "values", "cost_matrix": "cost_matrix"}
+    needs.update({o: "affinity" for o in OBJECTIVES if o.startswith("affinity")})
+    need = needs.get(objective)
+    if need is not None and need not in given:
+        raise ValueError(f"objective={objective!r} needs the argument {need}=")
+    if need is None and given:
+        raise ValueError(f"objective={objective!r} does not take {given[0]}= (it uses the schedule)")
+    return objective
+
+
+def _series_for(objective, schedule, T):
+    """The 1-D series that the timestep / snr / log_snr objectives measure deviations of."""
+    if objective == "timestep":
+        if T is None:
+            T = 1000 if schedule is None or isinstance(schedule, str) else _schedules.get_schedule(schedule).T
+        return np.arange(_check_int("T", T, minimum=1), dtype=np.float64)
+    sched = _schedules.get_schedule("linear" if schedule is None else schedule, T)
+    series = sched.snr if objective == "snr" else sched.log_snr
+    bad = np.flatnonzero(~np.isfinite(series))
+    if bad.size:
+        raise ValueError(
+            f"the schedule's {objective} is not finite at t={int(bad[0])} (alphas_cumprod is "
+            f"{sched.alphas_cumprod[bad[0]]!r}); clip the schedule or use a cost_matrix")
+    return series
+
+
+# ----------------------------------------------------------------------------- solving
+
+
+def interval_clustering(
+    k: int,
+    objective: str | None = None,
+    *,
+    schedule=None,
+    T: int | None = None,
+    values=None,
+    affinity=None,
+    cost_matrix=None,
+    min_size: int = 1,
+    max_size: int | None = None,
+    method: str = "auto",
+) -> IntervalClusters:
+    """Optimal split of [0, T) into ``k`` contiguous intervals (exact, deterministic).
+
+    Objectives (see ``OBJECTIVES``); the interval's middle index is ``c = l + (r - l) // 2`` for
+    the inclusive interval l..r:
+
+    * ``"timestep"``, ``"snr"``, ``"log_snr"`` (default): deviations of t, SNR_t or log-SNR_t
+      from their value at c, for ``schedule`` (a name from ``schedules.SCHEDULES``, a
+      NoiseSchedule, an ``alphas_cumprod`` array or any object with one; default ``"linear"``)
+      with ``T`` timesteps (default 1000 for a named schedule).
+    * ``"abs"`` / ``"sse"``: a 1-D series ``values`` (abs needs it monotone).
+    * ``"affinity"``, ``"affinity_medoid"``, ``"affinity_average"``: a T x T task-affinity
+      matrix ``affinity`` (higher = more alike).
+    * ``cost_matrix=C``: any cost, ``C[l, r]`` for l..r inclusive (upper triangle read).
+
+    ``min_size`` / ``max_size`` bound every interval's length. ``method``: ``"exact"`` is the
+    O(k T^2) DP; ``"monge"`` the O(k T log T) divide and conquer, allowed only when the cost
+    satisfies the quadrangle inequality (proven for the deviation objectives on monotone series,
+    checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed. Both return the
+    same optimum and the same tie-breaking (smallest boundaries, compared from the last).
+    """
+    k = _check_int("k", k, minimum=1)
+    min_size = _check_int("min_size", min_size, minimum=1)
+    max_size = _check_int("max_size", max_size, minimum=1, allow_none=True)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    objective = _resolve_objective(objective, values, affinity, cost_matrix)
+    dp = _load_extension("_dp")
+
+    if objective in ("timestep", "snr", "log_snr", "abs", "sse"):
+        if objective in ("abs", "sse"):
+            series = _float_array("values", values, 1)
+            if T is not None and _check_int("T", T, minimum=1) != series.size:
+                raise ValueError(f"T={T} does not match len(values)={series.size}")
+        else:
+            series = _series_for(objective, schedule, T)
+        kind = "sse" if objective == "sse" else "abs"
+        if kind == "abs" and _monotone_direction(series) == 0:
+            raise ValueError(f"values must be monotone for objective={objective!r}; "
+                             "use objective='sse' or a cost_matrix")
+        monge_ok = _monotone_direction(series) != 0
+        n = series.size
+        solve = lambda m: dp.solve_series(series, kind, k, min_size, max_size or 0, m)  # noqa: E731
+    else:
+        if objective == "cost_matrix":
+            matrix = _float_array("cost_matrix", cost_matrix, 2)
+        else:
+            centre = {"affinity": "middle", "affinity_medoid": "medoid", "affinity_average": "average"}
+            matrix = dp.affinity_cost_matrix(_float_array("affinity", affinity, 2), centre[objective])
+        n = matrix.shape[0]
+        if T is not None and _check_int("T", T, minimum=1) != n:
+            raise ValueError(f"T={T} does not match the matrix size {n}")
+        monge_ok = method != "exact" and dp.is_monge(matrix)
+        solve = lambda m: dp.solve_matrix(matrix, k, min_size, max_size or 0, m)  # noqa: E731
+
+    if k > n:
+        raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={n}")
+    if method == "monge" and not monge_ok:
+        raise ValueError(
+            "method='monge' needs a cost satisfying the quadrangle (Monge) inequality, and this "
+            "one does not; use method='exact' or 'auto'")
+    result = solve("monge" if monge_ok and method != "exact" else "exact")
+    b = result["boundaries"]
+    return IntervalClusters(
+        bounds=tuple(zip(b[:-1].tolist(), b[1:].tolist())),
+        cost=float(result["cost"]),
+        costs_by_k=tuple(result["costs_by_k"].tolist()),
+        objective=objective,
+        fast_path=bool(result["fast_path"]),
+    )
+
+
+def _monotone_direction(x: np.ndarray) -> int:
+    d = np.diff(x)
+    return 1 if np.all(d >= 0) else (-1 if np.all(d <= 0) else 0)
+
+
+def interval_clustering_batched(*args, **kwargs):
+    """Solve a batch of interval-clustering problems; see ``ant_core.clustering_batched``."""
+    from .clustering_batched import interval_clustering_batched as impl
+
+    return impl(*args, **kwargs)

@@ -1,0 +1,142 @@
+// Interval cost functors for ant::solve, each O(1) per interval after O(T) (or O(T^2) for
+// matrices) preprocessing. All take the half-open interval [j, i), j < i.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ant {
+
+inline void check_finite(const double* x, int64_t n, const char* name) {
+  for (int64_t t = 0; t < n; ++t)
+    if (!std::isfinite(x[t]))
+      throw std::invalid_argument(std::string(name) + " must be finite; entry " +
+                                  std::to_string(t) + " is " + std::to_string(x[t]));
+}
+
+/// +1 if non-decreasing, -1 if non-increasing (constant counts as non-decreasing), 0 otherwise.
+inline int monotone_direction(const double* x, int64_t n) {
+  bool up = true, down = true;
+  for (int64_t t = 1; t < n; ++t) {
+    up = up && x[t] >= x[t - 1];
+    down = down && x[t] <= x[t - 1];
+  }
+  return up ? 1 : (down ? -1 : 0);
+}
+
+/// Sum of absolute deviations from the value at the interval's middle index
+/// c = j + (i - 1 - j) / 2 (the paper's `timestep` and `snr` objectives). For a monotone series
+/// this is the 1-D k-median cost, which satisfies the quadrangle inequality.
+/// Requires a monotone series: only then is the cost O(1) from prefix sums.
+class AbsDeviationCost {
+ public:
+  AbsDeviationCost(const double* x, int64_t n) : x_(x, x + n), prefix_(n + 1, 0.0) {
+    check_finite(x, n, "values");
+    const int dir = monotone_direction(x, n);
+    if (dir == 0)
+      throw std::invalid_argument(
+          "values must be monotone for an absolute-deviation objective (timestep/snr/log_snr/"
+          "abs); use objective='sse' or a cost_matrix for other series");
+    if (dir < 0)
+      for (auto& v : x_) v = -v;  // |.| is invariant under negation; now non-decreasing
+    for (int64_t t = 0; t < n; ++t) prefix_[t + 1] = prefix_[t] + x_[t];
+  }
+  double operator()(int64_t j, int64_t i) const {
+    const int64_t c = j + (i - 1 - j) / 2;
+    const double xc = x_[c];
+    const double left = xc * static_cast<double>(c - j) - (prefix_[c] - prefix_[j]);
+    const double right = (prefix_[i] - prefix_[c + 1]) - xc * static_cast<double>(i - 1 - c);
+    return left + right;
+  }
+
+ private:
+  std::vector<double> x_, prefix_;
+};
+
+/// Within-interval sum of squared errors around the interval mean (1-D k-means cost). Monge
+/// when the series is monotone; any series is accepted (the exact solver then applies).
+class SquaredErrorCost {
+ public:
+  SquaredErrorCost(const double* x, int64_t n) : s1_(n + 1, 0.0), s2_(n + 1, 0.0) {
+    check_finite(x, n, "values");
+    // Shifting by a data point keeps the prefix sums well conditioned, and integer data
+    // integer (so equal costs stay exactly equal and tie-breaking is not decided by rounding).
+    const double shift = x[n / 2];
+    for (int64_t t = 0; t < n; ++t) {
+      const double v = x[t] - shift;
+      s1_[t + 1] = s1_[t] + v;
+      s2_[t + 1] = s2_[t] + v * v;
+    }
+  }
+  double operator()(int64_t j, int64_t i) const {
+    const double s = s1_[i] - s1_[j];
+    const double sse = (s2_[i] - s2_[j]) - s * s / static_cast<double>(i - j);
+    return sse > 0.0 ? sse : 0.0;  // rounding can leave a tiny negative for a constant run
+  }
+
+ private:
+  std::vector<double> s1_, s2_;
+};
+
+/// A dense row-major T x T matrix C where C[l * T + r] is the cost of the inclusive interval
+/// l..r (only l <= r is read). Does not own the memory.
+class MatrixCost {
+ public:
+  MatrixCost(const double* c, int64_t T) : c_(c), T_(T) {}
+  double operator()(int64_t j, int64_t i) const { return c_[j * T_ + (i - 1)]; }
+
+ private:
+  const double* c_;
+  int64_t T_;
+};
+
+enum class AffinityCentre { Middle, Medoid, Average };
+
+/// Turns a T x T affinity matrix A (higher = more alike) into a dense cost matrix
+/// (row-major, C[l * T + r] for the inclusive interval l..r; the lower triangle is 0):
+///   Middle:  -sum_{t in I} A[c, t],          c the middle index l + (r - l) / 2 (the paper)
+///   Medoid:  -max_{c in I} sum_{t in I} A[c, t]   (best centre per interval; O(T^3 / 6))
+///   Average: -(1 / |I|) sum_{s, t in I} A[s, t]   (average linkage, scaled like the others)
+inline std::vector<double> affinity_cost_matrix(const double* A, int64_t T, AffinityCentre centre) {
+  check_finite(A, T * T, "affinity");
+  std::vector<double> C(static_cast<size_t>(T) * T, 0.0);
+  if (centre == AffinityCentre::Average) {
+    // 2-D prefix sums S[(a) * (T+1) + b] = sum_{s < a, t < b} A[s, t].
+    std::vector<double> S(static_cast<size_t>(T + 1) * (T + 1), 0.0);
+    for (int64_t s = 0; s < T; ++s)
+      for (int64_t t = 0; t < T; ++t)
+        S[(s + 1) * (T + 1) + t + 1] =
+            A[s * T + t] + S[s * (T + 1) + t + 1] + S[(s + 1) * (T + 1) + t] - S[s * (T + 1) + t];
+    for (int64_t l = 0; l < T; ++l)
+      for (int64_t r = l; r < T; ++r) {
+        const double block = S[(r + 1) * (T + 1) + r + 1] - S[l * (T + 1) + r + 1] -
+                             S[(r + 1) * (T + 1) + l] + S[l * (T + 1) + l];
+        C[l * T + r] = -block / static_cast<double>(r - l + 1);
+      }
+    return C;
+  }
+  // Row prefix sums R[c * (T+1) + t] = sum_{s < t} A[c, s].
+  std::vector<double> R(static_cast<size_t>(T) * (T + 1), 0.0);
+  for (int64_t c = 0; c < T; ++c)
+    for (int64_t t = 0; t < T; ++t) R[c * (T + 1) + t + 1] = R[c * (T + 1) + t] + A[c * T + t];
+  auto row_sum = [&](int64_t c, int64_t l, int64_t r) {
+    return R[c * (T + 1) + r + 1] - R[c * (T + 1) + l];
+  };
+  for (int64_t l = 0; l < T; ++l)
+    for (int64_t r = l; r < T; ++r) {
+      if (centre == AffinityCentre::Middle) {
+        C[l * T + r] = -row_sum(l + (r - l) / 2, l, r);
+      } else {
+        double best = row_sum(l, l, r);
+        for (int64_t c = l + 1; c <= r; ++c) best = std::max(best, row_sum(c, l, r));
+        C[l * T + r] = -best;
+      }
+    }
+  return C;
+}
+
+}  // namespace ant

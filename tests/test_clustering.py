@@ -1,0 +1,350 @@
+"""Interval clustering against exhaustive brute force and direct O(T) cost evaluation."""
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ant_core import IntervalClusters, interval_clustering
+from ant_core import schedules
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def all_partitions(T, k, min_size=1, max_size=None):
+    """Every split of [0, T) into k non-empty contiguous intervals, as bounds tuples."""
+    max_size = max_size or T
+    for cuts in itertools.combinations(range(1, T), k - 1):
+        edges = (0,) + cuts + (T,)
+        bounds = tuple(zip(edges[:-1], edges[1:]))
+        if all(min_size <= e - s <= max_size for s, e in bounds):
+            yield bounds
+
+
+def tie_key(bounds, cost):
+    """The documented tie-breaking: cost, then sum of squared sizes, then the boundaries
+    compared from the last one backwards."""
+    sizes = [e - s for s, e in bounds]
+    return (cost, sum(n * n for n in sizes), tuple(reversed([s for s, _ in bounds])))
+
+
+def brute_force(interval_cost, T, k, min_size=1, max_size=None):
+    """(best bounds under the tie rule, best cost) or None if infeasible."""
+    best = None
+    for bounds in all_partitions(T, k, min_size, max_size):
+        cost = sum(interval_cost(s, e - 1) for s, e in bounds)
+        key = tie_key(bounds, cost)
+        if best is None or key < best[0]:
+            best = (key, bounds, cost)
+    return None if best is None else (best[1], best[2])
+
+
+def middle(l, r):
+    return l + (r - l) // 2
+
+
+def direct_cost(objective, x=None, A=None):
+    """O(T) evaluation of an objective's cost for the inclusive interval l..r."""
+    if objective == "abs":
+        return lambda l, r: float(np.abs(x[l:r + 1] - x[middle(l, r)]).sum())
+    if objective == "sse":
+        return lambda l, r: float(((x[l:r + 1] - x[l:r + 1].mean()) ** 2).sum())
+    if objective == "affinity":
+        return lambda l, r: float(-A[middle(l, r), l:r + 1].sum())
+    if objective == "affinity_medoid":
+        return lambda l, r: float(-max(A[c, l:r + 1].sum() for c in range(l, r + 1)))
+    if objective == "affinity_average":
+        return lambda l, r: float(-A[l:r + 1, l:r + 1].sum() / (r - l + 1))
+    raise AssertionError(objective)
+
+
+def check_against_brute(result, interval_cost, T, k, exact_ties, min_size=1, max_size=None):
+    expected = brute_force(interval_cost, T, k, min_size, max_size)
+    assert expected is not None
+    bounds, cost = expected
+    assert result.cost == pytest.approx(cost, rel=1e-9, abs=1e-9)
+    if exact_ties:
+        assert result.bounds == bounds
+    else:  # float costs: the found partition must be optimal when evaluated directly
+        assert sum(interval_cost(s, e - 1) for s, e in result.bounds) == pytest.approx(
+            cost, rel=1e-9, abs=1e-9)
+    for kk in range(1, k + 1):
+        sub = brute_force(interval_cost, T, kk, min_size, max_size)
+        want = np.inf if sub is None else sub[1]
+        assert result.costs_by_k[kk - 1] == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- cost matrices
+
+
+@pytest.mark.parametrize("T", range(1, 10))
+def test_integer_cost_matrix_matches_brute_force_with_ties(T):
+    rng = np.random.default_rng(T)
+    for trial in range(3):
+        C = rng.integers(-3, 4, size=(T, T)).astype(float)  # zeros, negatives, many ties
+        for k in range(1, T + 1):
+            for method in ("exact", "auto"):
+                res = interval_clustering(k, cost_matrix=C, method=method)
+                check_against_brute(res, lambda l, r: C[l, r], T, k, exact_ties=True)
+
+
+@pytest.mark.parametrize("T", [10, 12])
+def test_float_cost_matrix_matches_brute_force(T):
+    rng = np.random.default_rng(100 + T)
+    C = rng.normal(size=(T, T))
+    for k in (1, 2, 3, T // 2, T - 1, T):
+        res = interval_clustering(k, cost_matrix=C)
+        check_against_brute(res, lambda l, r: C[l, r], T, k, exact_ties=False)
+
+
+def test_lower_triangle_is_ignored():
+    rng = np.random.default_rng(0)
+    C = rng.normal(size=(8, 8))
+    D = C.copy()
+    D[np.tril_indices(8, -1)] = 1e9
+    assert interval_clustering(3, cost_matrix=C) == interval_clustering(3, cost_matrix=D)
+
+
+@pytest.mark.parametrize("min_size,max_size", [(2, None), (1, 3), (2, 4), (3, 3)])
+def test_size_bounds_match_brute_force(min_size, max_size):
+    rng = np.random.default_rng(7)
+    T = 12
+    C = rng.integers(-5, 6, size=(T, T)).astype(float)
+    for k in range(1, T + 1):
+        feasible = brute_force(lambda l, r: C[l, r], T, k, min_size, max_size) is not None
+        if not feasible:
+            with pytest.raises(ValueError, match="size"):
+                interval_clustering(k, cost_matrix=C, min_size=min_size, max_size=max_size)
+            continue
+        res = interval_clustering(k, cost_matrix=C, min_size=min_size, max_size=max_size)
+        assert all(min_size <= e - s <= (max_size or T) for s, e in res.bounds)
+        check_against_brute(res, lambda l, r: C[l, r], T, k, True, min_size, max_size)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+@pytest.mark.parametrize("objective", ["abs", "sse"])
+def test_series_objectives_match_brute_force(objective):
+    rng = np.random.default_rng(1)
+    for T in (1, 2, 5, 9, 12):
+        x = np.sort(rng.normal(size=T))[:: 1 if T % 2 else -1]  # both monotone directions
+        for k in range(1, T + 1):
+            res = interval_clustering(k, objective, values=x)
+            check_against_brute(res, direct_cost(objective, x=x), T, k, exact_ties=False)
+
+
+def test_sse_on_unsorted_series_uses_exact_path():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=11)
+    for k in range(1, 12):
+        res = interval_clustering(k, "sse", values=x)
+        assert not res.fast_path
+        check_against_brute(res, direct_cost("sse", x=x), 11, k, exact_ties=False)
+
+
+def test_integer_series_ties_match_brute_force():
+    x = np.array([0, 0, 1, 1, 1, 2, 4, 4, 7, 7, 7, 9], dtype=float)  # many equal costs
+    for objective in ("abs", "sse"):
+        for k in range(1, 13):
+            res = interval_clustering(k, objective, values=x)
+            # sse divides by the size, so only abs has exactly representable costs here
+            check_against_brute(res, direct_cost(objective, x=x), 12, k,
+                                exact_ties=objective == "abs")
+
+
+@pytest.mark.parametrize("objective", ["affinity", "affinity_medoid", "affinity_average"])
+def test_affinity_objectives_match_brute_force(objective):
+    rng = np.random.default_rng(3)
+    for T in (1, 4, 9, 12):
+        G = rng.normal(size=(T, 3))
+        A = G @ G.T  # symmetric, like a gradient-cosine matrix
+        if objective == "affinity":
+            A = A + rng.normal(scale=0.1, size=(T, T))  # the middle centre accepts any matrix
+        for k in sorted({1, 2, 3, T}):
+            if k > T:
+                continue
+            res = interval_clustering(k, objective, affinity=A)
+            check_against_brute(res, direct_cost(objective, A=A), T, k, exact_ties=False)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear", "log_snr_grid"])
+@pytest.mark.parametrize("objective", ["timestep", "snr", "log_snr"])
+def test_schedule_objectives_match_brute_force(name, objective):
+    T = 12
+    sched = schedules.get_schedule(name, T)
+    x = {"timestep": np.arange(T, dtype=float), "snr": sched.snr, "log_snr": sched.log_snr}[objective]
+    for k in range(1, T + 1):
+        res = interval_clustering(k, objective, schedule=name, T=T)
+        check_against_brute(res, direct_cost("abs", x=x), T, k, exact_ties=objective == "timestep")
+
+
+def test_paper_reference_results():
+    uniform = tuple((200 * i, 200 * (i + 1)) for i in range(5))
+    assert interval_clustering(5, "timestep", T=1000).bounds == uniform
+    assert interval_clustering(5, "snr", schedule="linear", T=1000).bounds == (
+        (0, 1), (1, 2), (2, 5), (5, 18), (18, 1000))
+    assert interval_clustering(5, "log_snr", schedule="linear", T=1000).bounds == (
+        (0, 153), (153, 394), (394, 624), (624, 823), (823, 1000))
+    assert interval_clustering(5).bounds == interval_clustering(5, "log_snr").bounds
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear"])
+@pytest.mark.parametrize("objective", ["timestep", "snr", "log_snr"])
+def test_fast_path_equals_exact_on_schedules(name, objective):
+    for T in (97, 1000):
+        for k in (1, 2, 3, 5, 8, 16):
+            for bounds in ({}, {"min_size": min(10, T // k)}, {"max_size": 2 * T // k + 1}):
+                fast = interval_clustering(k, objective, schedule=name, T=T, method="monge", **bounds)
+                exact = interval_clustering(k, objective, schedule=name, T=T, method="exact", **bounds)
+                assert fast.fast_path and not exact.fast_path
+                assert fast.bounds == exact.bounds
+                assert fast.cost == pytest.approx(exact.cost, rel=1e-12)
+                np.testing.assert_allclose(fast.costs_by_k, exact.costs_by_k, rtol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["abs", "sse"])
+def test_fast_path_equals_exact_on_monotone_series(objective):
+    rng = np.random.default_rng(4)
+    for trial in range(5):
+        x = np.cumsum(rng.exponential(size=300))
+        if trial % 2:
+            x = np.round(x)  # integer values: exact ties
+        for k in (1, 4, 9, 30):
+            fast = interval_clustering(k, objective, values=x, method="monge", min_size=trial + 1)
+            exact = interval_clustering(k, objective, values=x, method="exact", min_size=trial + 1)
+            assert fast.bounds == exact.bounds
+            np.testing.assert_allclose(fast.costs_by_k, exact.costs_by_k, rtol=1e-10)
+
+
+def test_fast_path_equals_exact_on_verified_monge_matrix():
+    rng = np.random.default_rng(5)
+    T = 60
+    lengths = np.subtract.outer(np.arange(T), np.arange(T)).T + 1  # r - l + 1
+    C = np.floor(lengths.astype(float) ** 2 / 4)  # integer, convex in length: Monge, tied
+    w = rng.integers(0, 3, size=T).astype(float)
+    C += np.add.outer(np.cumsum(w), -np.cumsum(w))  # + f(r) - f(l): still Monge
+    C[np.tril_indices(T, -1)] = 0.0
+    auto = interval_clustering(7, cost_matrix=C)
+    exact = interval_clustering(7, cost_matrix=C, method="exact")
+    assert auto.fast_path
+    assert auto.bounds == exact.bounds and auto.costs_by_k == exact.costs_by_k
+
+
+def test_monge_refused_when_not_allowed():
+    rng = np.random.default_rng(6)
+    with pytest.raises(ValueError, match="Monge"):
+        interval_clustering(3, cost_matrix=rng.normal(size=(20, 20)), method="monge")
+    with pytest.raises(ValueError, match="Monge"):
+        interval_clustering(3, "sse", values=rng.normal(size=20), method="monge")
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 8).flatmap(lambda T: st.tuples(
+        st.just(T), st.integers(1, T),
+        st.lists(st.integers(-4, 4), min_size=T * T, max_size=T * T))))
+def test_property_integer_matrix(args):
+    T, k, flat = args
+    C = np.array(flat, dtype=float).reshape(T, T)
+    res = interval_clustering(k, cost_matrix=C)
+    check_against_brute(res, lambda l, r: C[l, r], T, k, exact_ties=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=2, max_size=60),
+       st.integers(1, 10), st.sampled_from(["abs", "sse"]))
+def test_property_monotone_series_fast_equals_exact(xs, k, objective):
+    x = np.sort(np.array(xs))
+    k = min(k, x.size)
+    fast = interval_clustering(k, objective, values=x, method="monge")
+    exact = interval_clustering(k, objective, values=x, method="exact")
+    np.testing.assert_allclose(fast.costs_by_k, exact.costs_by_k, rtol=1e-9, atol=1e-6)
+    # splitting never hurts for these costs: costs_by_k is non-increasing
+    assert all(a >= b - 1e-6 for a, b in zip(exact.costs_by_k, exact.costs_by_k[1:]))
+    labels = exact.labels
+    assert labels.shape == (x.size,) and labels.dtype == np.int64
+    assert np.all(np.diff(labels) >= 0) and labels[0] == 0 and labels[-1] == k - 1
+
+
+# ----------------------------------------------------------------------------- the result type
+
+
+def test_interval_clusters_type():
+    c = IntervalClusters.from_bounds([(0, 3), (3, 4), (4, 10)])
+    assert c.k == 3 and c.T == 10 and len(c) == 3
+    assert c.labels.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2, 2]
+    assert c.sizes.tolist() == [3, 1, 6]
+    assert c.group_of(3) == 1 and c.group_of(np.array([0, 9])).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="t must"):
+        c.group_of(10)
+    assert IntervalClusters.from_dict(c.to_dict()) == c
+    assert IntervalClusters.uniform(1000, 5).bounds == interval_clustering(5, "timestep").bounds
+    with pytest.raises(ValueError, match="contiguous"):
+        IntervalClusters.from_bounds([(0, 3), (4, 5)])
+    with pytest.raises(ValueError, match="non-empty"):
+        IntervalClusters.from_bounds([(0, 0), (0, 5)])
+    with pytest.raises(ValueError, match="start at 0"):
+        IntervalClusters.from_bounds([(1, 5)])
+    with pytest.raises(ValueError):
+        c.labels[0] = 5  # read-only
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(k=0), ValueError, "k must be >= 1"),
+    (dict(k=6, objective="timestep", T=5), ValueError, "k must be <= T"),
+    (dict(k=True), TypeError, "k must be an int"),
+    (dict(k=2.0), TypeError, "k must be an int"),
+    (dict(k=2, objective="nope"), ValueError, "objective must be one of"),
+    (dict(k=2, method="fast"), ValueError, "method must be one of"),
+    (dict(k=2, values=[1.0, np.nan, 3.0]), ValueError, "values must be finite"),
+    (dict(k=2, values=[]), ValueError, "values must not be empty"),
+    (dict(k=2, values=np.ones((2, 2))), ValueError, "values must be 1-D"),
+    (dict(k=2, objective="abs", values=[3.0, 1.0, 2.0]), ValueError, "monotone"),
+    (dict(k=2, cost_matrix=np.ones((3, 4))), ValueError, "cost_matrix must be square"),
+    (dict(k=2, cost_matrix=np.full((3, 3), np.inf)), ValueError, "cost_matrix must be finite"),
+    (dict(k=2, affinity=np.full((3, 3), np.nan)), ValueError, "affinity must be finite"),
+    (dict(k=2, objective="affinity"), ValueError, "needs the argument affinity"),
+    (dict(k=2, objective="snr", values=[1.0, 2.0]), ValueError, "does not take values"),
+    (dict(k=2, values=[1.0, 2.0], cost_matrix=np.ones((2, 2))), ValueError, "only one of"),
+    (dict(k=3, objective="timestep", T=10, min_size=4), ValueError, "infeasible size bounds"),
+    (dict(k=2, objective="timestep", T=10, max_size=4), ValueError, "infeasible size bounds"),
+    (dict(k=2, objective="timestep", T=10, min_size=0), ValueError, "min_size must be >= 1"),
+    (dict(k=2, objective="timestep", T=10, min_size=3, max_size=2), ValueError, "max_size"),
+    (dict(k=2, objective="log_snr", T=0), ValueError, "T must be >= 1"),
+    (dict(k=2, cost_matrix=np.ones((3, 3)), T=4), ValueError, "does not match"),
+    (dict(k=2, schedule="quadratic"), ValueError, "schedule must be one of"),
+])
+def test_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        interval_clustering(**kwargs)
+
+
+def test_zero_terminal_snr_is_a_clear_error_for_log_snr():
+    ac = schedules.linear(100).alphas_cumprod.copy()
+    ac[-1] = 0.0
+    with pytest.raises(ValueError, match="log_snr is not finite at t=99"):
+        interval_clustering(3, "log_snr", schedule=ac)
+    assert interval_clustering(3, "snr", schedule=ac).k == 3
+
+
+def test_imports_and_solves_without_torch():
+    code = (
+        "import sys, ant_core; from ant_core.cli import main;"
+        "c = ant_core.interval_clustering(5); main(['cluster', '--json']);"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
