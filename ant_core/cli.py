@@ -20,9 +20,9 @@ def _load_npy(path: str, what: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise SystemExit(f"ant: error: {what} file not found: {path}") from None
-    except ValueError as exc:
-        raise SystemExit(f"ant: error: could not read {what} from {path}: {exc}") from None
+        raise ValueError(f"{what} file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not read {what} from {path}: {exc}") from None
 
 
 def _cluster_parser(sub):

@@ -1,0 +1,70 @@
+"""The `ant` command line."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ant_core import interval_clustering
+from ant_core.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ant_core.cli", *args], capture_output=True, text=True)
+
+
+def test_cluster_default_table(capsys):
+    assert main(["cluster"]) == 0
+    out = capsys.readouterr().out
+    assert "5 intervals of T=1000 timesteps, objective=log_snr" in out
+    for s, e in interval_clustering(5).bounds:
+        assert f"{s:>6}  {e:>6}" in out
+
+
+def test_cluster_json_matches_api(capsys):
+    assert main(["cluster", "--objective", "snr", "--k", "4", "--T", "500", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = interval_clustering(4, "snr", T=500)
+    assert [tuple(b) for b in got["bounds"]] == list(want.bounds)
+    assert got["T"] == 500 and got["cost"] == pytest.approx(want.cost)
+
+
+def test_cluster_from_files(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    np.save(tmp_path / "x.npy", x)
+    A = rng.normal(size=(30, 30))
+    np.save(tmp_path / "a.npy", A)
+    np.save(tmp_path / "ac.npy", np.linspace(0.999, 0.01, 60))
+    assert main(["cluster", "--values", str(tmp_path / "x.npy"), "--k", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["objective"] == "sse"
+    assert [tuple(b) for b in got["bounds"]] == list(interval_clustering(3, values=x).bounds)
+    assert main(["cluster", "--affinity", str(tmp_path / "a.npy"), "--objective",
+                 "affinity_medoid", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = interval_clustering(5, "affinity_medoid", affinity=A)
+    assert [tuple(b) for b in got["bounds"]] == list(want.bounds)
+    assert main(["cluster", "--alphas-cumprod", str(tmp_path / "ac.npy"), "--k", "2"]) == 0
+    assert "T=60" in capsys.readouterr().out
+
+
+def test_cluster_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "clusters.png"
+    assert main(["cluster", "--plot", str(path)]) == 0
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["cluster", "--k", "0"], "k must be >= 1"),
+    (["cluster", "--k", "2000"], "k must be <= T"),
+    (["cluster", "--values", "/nonexistent.npy"], "values file not found"),
+    (["cluster", "--min-size", "300"], "infeasible size bounds"),
+])
+def test_cluster_errors(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
