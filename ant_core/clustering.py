@@ -286,8 +286,81 @@ def _monotone_direction(x: np.ndarray) -> int:
     return 1 if np.all(d >= 0) else (-1 if np.all(d <= 0) else 0)
 
 
-def interval_clustering_batched(*args, **kwargs):
-    """Solve a batch of interval-clustering problems; see ``ant_core.clustering_batched``."""
-    from .clustering_batched import interval_clustering_batched as impl
+def interval_clustering_batched(
+    k: int,
+    *,
+    cost_matrices=None,
+    affinity=None,
+    objective: str | None = None,
+    min_size: int = 1,
+    max_size: int | None = None,
+) -> list:
+    """Solve B independent problems at once, on the device of the input (CUDA: one thread block
+    per problem; CPU: the C++ solver looped in parallel). Needs torch and ant_core._C.
 
-    return impl(*args, **kwargs)
+    Give ``cost_matrices`` (B, T, T) — ``C[b, l, r]`` the cost of l..r inclusive — or
+    ``affinity`` (B, T, T) with ``objective`` ``"affinity"`` (middle centre, the default) or
+    ``"affinity_average"``; torch tensors (float32/float64, any device) or numpy arrays.
+    Returns one IntervalClusters per problem, each the exact optimum with the same
+    tie-breaking as ``interval_clustering(..., method="exact")`` on the same cost matrix.
+    """
+    import torch
+
+    from ._extension import torch_ops
+
+    k = _check_int("k", k, minimum=1)
+    min_size = _check_int("min_size", min_size, minimum=1)
+    max_size = _check_int("max_size", max_size, minimum=1, allow_none=True)
+    if (cost_matrices is None) == (affinity is None):
+        raise ValueError("pass exactly one of cost_matrices, affinity")
+    name = "cost_matrices" if affinity is None else "affinity"
+    data = torch.as_tensor(cost_matrices if affinity is None else affinity)
+    if data.dim() != 3 or data.shape[1] != data.shape[2] or data.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, T, T) with T >= 1, got {tuple(data.shape)}")
+    if data.dtype not in (torch.float32, torch.float64):
+        data = data.double()
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError(f"{name} must be finite")
+    if affinity is None:
+        if objective not in (None, "cost_matrix"):
+            raise ValueError(f"objective={objective!r} needs affinity=, not cost_matrices=")
+        costs, objective = data, "cost_matrix"
+    else:
+        objective = objective or "affinity"
+        if objective not in ("affinity", "affinity_average"):
+            raise ValueError("objective must be 'affinity' or 'affinity_average' with affinity= "
+                             f"(use interval_clustering for {objective!r}), got {objective!r}")
+        costs = _affinity_costs_torch(data, objective)
+    if k > data.shape[1]:
+        raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={data.shape[1]}")
+    boundaries, costs_by_k = torch_ops().interval_dp_batched(costs, k, min_size, max_size or 0)
+    boundaries, costs_by_k = boundaries.cpu().numpy(), costs_by_k.cpu().numpy()
+    return [
+        IntervalClusters(
+            bounds=tuple(zip(b[:-1].tolist(), b[1:].tolist())),
+            cost=float(cbk[-1]),
+            costs_by_k=tuple(cbk.tolist()),
+            objective=objective,
+        )
+        for b, cbk in zip(boundaries, costs_by_k)
+    ]
+
+
+def _affinity_costs_torch(A, objective):
+    """Cost matrices (B, T, T) of the affinity objectives, computed where A lives (float64)."""
+    import torch
+
+    A = A.double()
+    T = A.shape[-1]
+    idx = torch.arange(T, device=A.device)
+    l, r = idx[:, None].expand(T, T), idx[None, :].expand(T, T)
+    upper = r >= l
+    if objective == "affinity":
+        R = torch.nn.functional.pad(A.cumsum(-1), (1, 0))  # R[b, c, t] = sum_{s < t} A[b, c, s]
+        c = torch.where(upper, l + (r - l) // 2, l)  # the middle index of l..r
+        C = -(R[:, c, r + 1] - R[:, c, l])
+    else:  # average linkage from 2-D prefix sums S[b, s, t] = sum_{s' < s, t' < t} A[b, s', t']
+        S = torch.nn.functional.pad(A.cumsum(1).cumsum(2), (1, 0, 1, 0))
+        block = S[:, r + 1, r + 1] - S[:, l, r + 1] - S[:, r + 1, l] + S[:, l, l]
+        C = -block / (r - l + 1).clamp(min=1)
+    return torch.where(upper, C, torch.zeros((), dtype=C.dtype, device=C.device))

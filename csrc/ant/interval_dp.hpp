@@ -104,7 +104,8 @@ void exact_layer(const Cost& cost, int64_t T, int64_t k, int64_t mn, int64_t mx,
   constexpr int64_t kBlock = 512;
   const int64_t n_blocks = (i_hi - i_lo + kBlock) / kBlock;
 #ifdef _OPENMP
-  const bool parallel = (i_hi - i_lo) * std::min<int64_t>(mx, T) > (int64_t(1) << 18);
+  // Threads only pay off for big layers (and spin badly on a busy machine for small ones).
+  const bool parallel = (i_hi - i_lo) * std::min<int64_t>(mx, T) > (int64_t(1) << 24);
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
 #endif
   for (int64_t blk = 0; blk < n_blocks; ++blk) {

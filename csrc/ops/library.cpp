@@ -4,12 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
 // Importing ant_core._C runs the static registrations below; the module itself is empty.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(ant_core, m) {

@@ -1,0 +1,90 @@
+"""interval_clustering_batched (torch op, CPU and CUDA) against the single-problem solver."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ant_core import interval_clustering, interval_clustering_batched  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_costs(B, T, seed, integer=False):
+    rng = np.random.default_rng(seed)
+    if integer:
+        return rng.integers(-3, 4, size=(B, T, T)).astype(np.float64)  # many exact ties
+    return rng.normal(size=(B, T, T))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("integer", [False, True])
+def test_equals_cpu_solver_on_cost_matrices(device, dtype, integer):
+    for T, K in [(1, 1), (5, 2), (9, 9), (40, 5), (131, 7)]:
+        C = random_costs(6, T, seed=T + K, integer=integer)
+        Ct = torch.tensor(C, dtype=dtype, device=device)
+        got = interval_clustering_batched(K, cost_matrices=Ct)
+        for b in range(C.shape[0]):
+            # the solver sees exactly the values the op saw (float32 rounds first)
+            ref = interval_clustering(K, cost_matrix=Ct[b].double().cpu().numpy(), method="exact")
+            assert got[b].bounds == ref.bounds
+            assert got[b].costs_by_k == ref.costs_by_k
+            assert got[b].cost == ref.cost
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_size_bounds(device):
+    C = random_costs(4, 30, seed=1, integer=True)
+    for mn, mx in [(3, None), (1, 8), (4, 7)]:
+        got = interval_clustering_batched(5, cost_matrices=torch.tensor(C, device=device),
+                                          min_size=mn, max_size=mx)
+        for b in range(4):
+            ref = interval_clustering(5, cost_matrix=C[b], min_size=mn, max_size=mx, method="exact")
+            assert got[b].bounds == ref.bounds and got[b].costs_by_k == ref.costs_by_k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("objective", ["affinity", "affinity_average"])
+def test_affinity_objectives(device, objective):
+    rng = np.random.default_rng(2)
+    G = rng.normal(size=(3, 25, 4))
+    A = G @ G.transpose(0, 2, 1)
+    got = interval_clustering_batched(4, affinity=torch.tensor(A, device=device), objective=objective)
+    for b in range(3):
+        ref = interval_clustering(4, objective, affinity=A[b])
+        assert got[b].cost == pytest.approx(ref.cost, rel=1e-10)
+        assert got[b].bounds == ref.bounds
+        assert got[b].objective == objective
+
+
+def test_numpy_input_and_result_type():
+    C = random_costs(2, 10, seed=3)
+    got = interval_clustering_batched(3, cost_matrices=C)
+    assert len(got) == 2 and got[0].k == 3 and got[0].T == 10
+    assert got[0].labels.shape == (10,)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(k=2), ValueError, "exactly one of"),
+    (dict(k=2, cost_matrices=np.zeros((3, 4, 4)), affinity=np.zeros((3, 4, 4))), ValueError, "exactly one of"),
+    (dict(k=2, cost_matrices=np.zeros((4, 4))), ValueError, r"shape \(B, T, T\)"),
+    (dict(k=2, cost_matrices=np.zeros((2, 4, 5))), ValueError, r"shape \(B, T, T\)"),
+    (dict(k=5, cost_matrices=np.zeros((2, 4, 4))), ValueError, "k must be <= T"),
+    (dict(k=0, cost_matrices=np.zeros((2, 4, 4))), ValueError, "k must be >= 1"),
+    (dict(k=2, cost_matrices=np.full((2, 4, 4), np.nan)), ValueError, "must be finite"),
+    (dict(k=3, cost_matrices=np.zeros((2, 4, 4)), min_size=2), ValueError, "infeasible size bounds"),
+    (dict(k=2, affinity=np.zeros((2, 4, 4)), objective="affinity_medoid"), ValueError, "objective must be"),
+])
+def test_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        interval_clustering_batched(**kwargs)
+
+
+def test_op_checks_directly():
+    import ant_core._extension as ext
+
+    ops = ext.torch_ops()
+    with pytest.raises(ValueError, match="infeasible"):
+        ops.interval_dp_batched(torch.zeros(1, 4, 4), 2, 3, 0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.interval_dp_batched(torch.zeros(1, 4, 4, dtype=torch.int64), 2, 1, 0)
