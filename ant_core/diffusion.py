@@ -1,0 +1,164 @@
+"""Gaussian diffusion maths for discrete schedules: the forward process, training targets and
+the DDPM / DDIM samplers.
+
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t in [0, T) (t = 0 least noisy).
+Targets: ``"eps"`` (the noise), ``"v"`` (sqrt(a) eps - sqrt(1 - a) x_0, Salimans & Ho 2022)
+and ``"x0"``. Per-sample loss weightings (Min-SNR-gamma, P2, ...) live in
+``ant_core.weighting``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .schedules import NoiseSchedule, get_schedule
+
+__all__ = ["GaussianDiffusion", "PREDICTIONS"]
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """values[t] reshaped to broadcast against a (B, ...) tensor of `ndim` dims."""
+    return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+class GaussianDiffusion:
+    """The forward process and samplers of a discrete-time Gaussian diffusion.
+
+    Args:
+        schedule: anything ``ant_core.schedules.get_schedule`` accepts (a name, a NoiseSchedule,
+            an ``alphas_cumprod`` array, a diffusers scheduler).
+        T: number of timesteps for a named schedule.
+        prediction: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``.
+    """
+
+    def __init__(self, schedule="linear", T: int | None = None, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.schedule: NoiseSchedule = get_schedule(schedule, T)
+        ac = self.schedule.alphas_cumprod
+        if ac.min() <= 0.0 or ac.max() >= 1.0:
+            raise ValueError("schedule: alphas_cumprod must lie strictly inside (0, 1)")
+        self.prediction = prediction
+        self.T = self.schedule.T
+        f64 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+        self.alphas_cumprod = f64(ac)
+        self.sqrt_ac = self.alphas_cumprod.sqrt()
+        self.sqrt_1m_ac = (1 - self.alphas_cumprod).sqrt()
+        self.snr_table = f64(self.schedule.snr)
+
+    # ------------------------------------------------------------------ forward process
+
+    def _check_t(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError("t must be an integer tensor of timesteps")
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+        return t.long()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """Sample x_t ~ q(x_t | x_0)."""
+        t = self._check_t(t, x0.shape[0])
+        if noise is None:
+            noise = torch.randn_like(x0)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        a = _gather(self.sqrt_ac, t, x0.dim()).to(x0.dtype)
+        s = _gather(self.sqrt_1m_ac, t, x0.dim()).to(x0.dtype)
+        return a * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of the chosen prediction type."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        t = self._check_t(t, x0.shape[0])
+        a = _gather(self.sqrt_ac, t, x0.dim()).to(x0.dtype)
+        s = _gather(self.sqrt_1m_ac, t, x0.dim()).to(x0.dtype)
+        return a * noise - s * x0
+
+    def split_prediction(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """(x0_hat, eps_hat) from a network output of the chosen prediction type."""
+        a = _gather(self.sqrt_ac, t, x_t.dim()).to(torch.float64)
+        s = _gather(self.sqrt_1m_ac, t, x_t.dim()).to(torch.float64)
+        out, xt = output.double(), x_t.double()
+        if self.prediction == "eps":
+            eps = out
+            x0 = (xt - s * eps) / a
+        elif self.prediction == "x0":
+            x0 = out
+            eps = (xt - a * x0) / s
+        else:  # v: x0 = a x_t - s v, eps = s x_t + a v
+            x0 = a * xt - s * out
+            eps = s * xt + a * out
+        return x0, eps
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = alpha_bar / (1 - alpha_bar) for integer timesteps t (float32)."""
+        return self.snr_table.to(t.device)[t.long()].float()
+
+    # ------------------------------------------------------------------ samplers
+
+    def _model_step(self, model, x, t_scalar, y):
+        t = torch.full((x.shape[0],), t_scalar, device=x.device, dtype=torch.long)
+        out = model(x, t) if y is None else model(x, t, y)
+        return self.split_prediction(out, x, t)
+
+    @torch.no_grad()
+    def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, device=None,
+                    clip_x0: float | None = 1.0, progress: bool = False) -> torch.Tensor:
+        """Ancestral sampling with the posterior variance (Ho et al. 2020), T model calls.
+
+        Deterministic under ``seed``. ``clip_x0`` clamps the predicted x_0 (None: no clamp).
+        """
+        return self.sample_ddim(model, shape, steps=self.T, eta=1.0, seed=seed, y=y,
+                                device=device, clip_x0=clip_x0, progress=progress)
+
+    @torch.no_grad()
+    def sample_ddim(self, model, shape, *, steps: int | None = None, eta: float = 0.0, seed: int = 0,
+                    y=None, device=None, clip_x0: float | None = 1.0,
+                    progress: bool = False) -> torch.Tensor:
+        """DDIM (Song et al. 2021) on ``steps`` evenly spaced timesteps (default min(50, T));
+        eta=0 is deterministic, eta=1 with steps=T is DDPM's ancestral sampler. Deterministic
+        under ``seed``; ``y`` (class labels) is passed to the model as ``model(x, t, y)``."""
+        steps = min(50, self.T) if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be an int in [1, {self.T}], got {steps!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if device is None:  # the model's device, else the CPU
+            param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+            device = param.device if param is not None else "cpu"
+        device = torch.device(device)
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        x = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float64)
+        ts = np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(np.int64))[::-1]
+        ac = self.alphas_cumprod.to(device)
+        iterator = range(len(ts))
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="sampling", leave=False)
+        for n in iterator:
+            t = int(ts[n])
+            x0, eps = self._model_step(model, x.float(), t, y)
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
+                eps = (x - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
+            if n == len(ts) - 1:
+                x = x0
+                break
+            a_t, a_prev = ac[t], ac[int(ts[n + 1])]
+            sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            dir_xt = torch.sqrt(torch.clamp(1 - a_prev - sigma**2, min=0.0)) * eps
+            x = a_prev.sqrt() * x0 + dir_xt
+            if eta > 0:
+                x = x + sigma * torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype)
+        return x.float()
+
+    def __repr__(self) -> str:
+        return (f"GaussianDiffusion(schedule={self.schedule.name!r}, T={self.T}, "
+                f"prediction={self.prediction!r})")
+

@@ -1,0 +1,108 @@
+"""Forward process, targets and samplers against closed forms."""
+import numpy as np
+import pytest
+import torch
+
+from ant_core import schedules
+from ant_core.diffusion import PREDICTIONS, GaussianDiffusion
+
+
+def oracle(diffusion, x_star):
+    """The exact denoiser when the data is a single point x_star (predicts eps)."""
+    ac = diffusion.alphas_cumprod
+
+    def model(x, t):
+        a = ac[t].reshape(-1, 1, 1, 1).to(x.dtype)
+        return (x - a.sqrt() * x_star) / (1 - a).sqrt()
+
+    return model
+
+
+def test_q_sample_statistics():
+    d = GaussianDiffusion("linear", 1000)
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    for t_val in (0, 250, 999):
+        t = torch.full((20000,), t_val)
+        xt = d.q_sample(x0, t)
+        a = d.alphas_cumprod[t_val]
+        assert xt.mean().item() == pytest.approx(a.sqrt().item() * 0.7, abs=0.02)
+        assert xt.var().item() == pytest.approx((1 - a).item(), rel=0.05, abs=1e-4)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_targets_are_consistent_with_split_prediction(prediction):
+    d = GaussianDiffusion("cosine", 100, prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 100, (8,), generator=g)
+    xt = d.q_sample(x0, t, eps)
+    x0_hat, eps_hat = d.split_prediction(d.target(x0, eps, t), xt, t)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
+
+
+def test_v_target_closed_form():
+    d = GaussianDiffusion("linear", 10, prediction="v")
+    x0, eps, t = torch.ones(1, 1), torch.full((1, 1), 2.0), torch.tensor([4])
+    a = d.alphas_cumprod[4]
+    want = a.sqrt() * 2.0 - (1 - a).sqrt() * 1.0
+    assert d.target(x0, eps, t).item() == pytest.approx(want.item(), rel=1e-6)
+    np.testing.assert_allclose(d.snr(t).numpy(), schedules.linear(10).snr[[4]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddim-stochastic", "ddpm"])
+def test_samplers_recover_the_single_data_point(sampler):
+    d = GaussianDiffusion("linear", 200)
+    x_star = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    model = oracle(d, x_star)
+    if sampler == "ddpm":
+        out = d.sample_ddpm(model, x_star.shape, seed=1)
+    else:
+        out = d.sample_ddim(model, x_star.shape, steps=20, eta=1.0 if "stoch" in sampler else 0.0)
+    torch.testing.assert_close(out, x_star, rtol=0, atol=1e-3)
+
+
+def test_samplers_are_deterministic_under_seed_and_shapes():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    model = lambda x, t: net(x) * 0.1  # noqa: E731
+    d = GaussianDiffusion("linear", 50)
+    a = d.sample_ddim(model, (2, 3, 8, 8), steps=10, eta=0.5, seed=3)
+    b = d.sample_ddim(model, (2, 3, 8, 8), steps=10, eta=0.5, seed=3)
+    c = d.sample_ddim(model, (2, 3, 8, 8), steps=10, eta=0.5, seed=4)
+    assert a.shape == (2, 3, 8, 8) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    assert torch.equal(d.sample_ddpm(model, (1, 3, 8, 8), seed=0), d.sample_ddpm(model, (1, 3, 8, 8), seed=0))
+
+
+def test_class_labels_are_passed_to_the_model():
+    seen = []
+
+    def model(x, t, y):
+        seen.append(y)
+        return torch.zeros_like(x)
+
+    d = GaussianDiffusion("linear", 10)
+    y = torch.tensor([1, 2])
+    d.sample_ddim(model, (2, 1, 2, 2), steps=3, y=y)
+    assert len(seen) == 3 and all(torch.equal(s, y) for s in seen)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        GaussianDiffusion(prediction="score")
+    with pytest.raises(ValueError, match="strictly inside"):
+        GaussianDiffusion(schedule=np.array([1.0, 0.5, 0.0]))
+    d = GaussianDiffusion("linear", 10)
+    with pytest.raises(TypeError, match="t must be an integer tensor"):
+        d.q_sample(torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"t must have shape \(2,\)"):
+        d.q_sample(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="noise must have"):
+        d.q_sample(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="steps must be"):
+        d.sample_ddim(lambda x, t: x, (1, 1), steps=11)
+    with pytest.raises(ValueError, match="eta must be"):
+        d.sample_ddim(lambda x, t: x, (1, 1), eta=-1)
