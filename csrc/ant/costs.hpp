@@ -32,29 +32,33 @@ inline int monotone_direction(const double* x, int64_t n) {
 /// c = j + (i - 1 - j) / 2 (the paper's `timestep` and `snr` objectives). For a monotone series
 /// this is the 1-D k-median cost, which satisfies the quadrangle inequality.
 /// Requires a monotone series: only then is the cost O(1) from prefix sums.
+///
+/// With P the prefix sums of the (non-decreasing) series, the cost of [j, i) is
+///   x_c (c - j) - (P[c] - P[j]) + (P[i] - P[c+1]) - x_c (i - 1 - c)
+/// = P[i] + P[j] - G[i + j],   G[m] = P[c] + P[c+1] + (m even ? x_c : 0), c = (m - 1) / 2,
+/// because 2c + 1 - i - j is 0 for odd i + j and -1 for even i + j. Indexing G by i + j keeps
+/// the DP's inner loop (fixed j, increasing i) free of gathers, so it vectorises.
 class AbsDeviationCost {
  public:
-  AbsDeviationCost(const double* x, int64_t n) : x_(x, x + n), prefix_(n + 1, 0.0) {
+  AbsDeviationCost(const double* x, int64_t n) : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0) {
     check_finite(x, n, "values");
     const int dir = monotone_direction(x, n);
     if (dir == 0)
       throw std::invalid_argument(
           "values must be monotone for an absolute-deviation objective (timestep/snr/log_snr/"
           "abs); use objective='sse' or a cost_matrix for other series");
-    if (dir < 0)
-      for (auto& v : x_) v = -v;  // |.| is invariant under negation; now non-decreasing
-    for (int64_t t = 0; t < n; ++t) prefix_[t + 1] = prefix_[t] + x_[t];
+    // |.| is invariant under negation: make the series non-decreasing.
+    auto value = [&](int64_t t) { return dir < 0 ? -x[t] : x[t]; };
+    for (int64_t t = 0; t < n; ++t) prefix_[t + 1] = prefix_[t] + value(t);
+    for (int64_t m = 1; m <= 2 * n - 1; ++m) {
+      const int64_t c = (m - 1) / 2;
+      g_[m] = prefix_[c] + prefix_[c + 1] + (m % 2 == 0 ? value(c) : 0.0);
+    }
   }
-  double operator()(int64_t j, int64_t i) const {
-    const int64_t c = j + (i - 1 - j) / 2;
-    const double xc = x_[c];
-    const double left = xc * static_cast<double>(c - j) - (prefix_[c] - prefix_[j]);
-    const double right = (prefix_[i] - prefix_[c + 1]) - xc * static_cast<double>(i - 1 - c);
-    return left + right;
-  }
+  double operator()(int64_t j, int64_t i) const { return prefix_[i] + prefix_[j] - g_[i + j]; }
 
  private:
-  std::vector<double> x_, prefix_;
+  std::vector<double> prefix_, g_;
 };
 
 /// Within-interval sum of squared errors around the interval mean (1-D k-means cost). Monge
