@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build the extension with CUDA, run the CUDA tests, a
+# compute-sanitizer pass, the GPU benchmarks and then the whole test suite. Logs go to $OUT
+# (default ./gpu_out). Usage on a CUDA machine, from the repository root:
+#     OUT=/some/dir bash benchmarks/run_gpu_checks.sh
+set -u
+OUT="${OUT:-gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step environment
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvcc --version | tail -1
+  python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+step build
+if ! python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; exit 1
+fi
+grep -c "nvcc" "$OUT/build.log" | sed 's/^/nvcc invocations: /'
+
+step CUDA tests
+timeout 300 python3 -m pytest -q -p no:cacheprovider -x tests/test_grouped_mse.py \
+  tests/test_clustering_batched.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+
+step compute-sanitizer memcheck
+timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tests/cuda_smoke.py \
+  > "$OUT/sanitizer.log" 2>&1; echo "sanitizer exit code: $?"; tail -8 "$OUT/sanitizer.log"
+
+step grouped-loss benchmark
+timeout 300 python3 benchmarks/bench_grouped_loss.py --device cuda --json "$OUT/bench_grouped_loss.json" \
+  2>&1 | tee "$OUT/bench_grouped_loss.txt"
+
+step batched DP benchmark
+timeout 120 python3 benchmarks/bench_dp.py --quick --json "$OUT/bench_dp.json" 2>&1 | tee "$OUT/bench_dp.txt"
+
+step full test suite
+timeout 400 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/all_tests.log" | tail -25
+step done
