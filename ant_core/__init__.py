@@ -16,6 +16,8 @@ _LAZY = {
     "reference_grouped_mse": "ant_core.losses",
     "mtl": "ant_core.mtl",
     "sampling": "ant_core.sampling",
+    "weighting": "ant_core.weighting",
+    "diffusion": "ant_core.diffusion",
 }
 
 __all__ = [

@@ -1,0 +1,67 @@
+"""DDP helpers for the MTL methods: process-group info and count-weighted reductions.
+
+Semantics every method follows: the result on every rank equals what one process computes on the
+union of the ranks' batches. With per-task losses ``L_{k,r}`` (a mean over ``n_{k,r}`` samples on
+rank r), the union loss is ``L_k = Σ_r n_{k,r} L_{k,r} / N_k`` with ``N_k = Σ_r n_{k,r}``, and its
+gradient is ``Σ_r (n_{k,r} / N_k) ∇L_{k,r}``. So each rank scales its task terms by
+``share_{k,r} = n_{k,r} / N_k`` and the ranks' contributions are SUM-all-reduced.
+
+When ``task_counts`` is not given, every rank is assumed to hold the same number of samples per
+task (``share = 1 / world_size``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world_size", "task_shares", "all_reduce_sum", "global_losses"]
+
+
+def world_size(process_group=None) -> int:
+    """Size of ``process_group`` (default group), 1 when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def all_reduce_sum(tensors, process_group=None):
+    """SUM-all-reduce a list of tensors in place, coalesced into one flat buffer per dtype."""
+    if world_size(process_group) == 1 or not tensors:
+        return tensors
+    by_dtype = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return tensors
+
+
+def task_shares(num_tasks, task_counts, device, process_group=None):
+    """Per-task factor ``n_{k,r} / N_k`` of this rank (float64, shape (K,)); 0 where N_k = 0.
+
+    One all-reduce of K numbers when distributed and ``task_counts`` is given.
+    """
+    size = world_size(process_group)
+    if task_counts is None:
+        return torch.full((num_tasks,), 1.0 / size, dtype=torch.float64, device=device)
+    counts = torch.as_tensor(task_counts, device=device).to(torch.float64)
+    if counts.shape != (num_tasks,):
+        raise ValueError(f"task_counts must have shape ({num_tasks},), got {tuple(counts.shape)}")
+    if torch.any(counts < 0):
+        raise ValueError("task_counts must be non-negative")
+    total = counts.clone()
+    all_reduce_sum([total], process_group)
+    return torch.where(total > 0, counts / total.clamp_min(1), torch.zeros_like(counts))
+
+
+def global_losses(losses, shares, process_group=None):
+    """Union-batch task losses ``Σ_r share_{k,r} L_{k,r}`` (detached float64), same on ranks."""
+    values = losses.detach().to(torch.float64) * shares
+    if world_size(process_group) == 1:
+        return losses.detach().to(torch.float64)
+    return all_reduce_sum([values], process_group)[0]

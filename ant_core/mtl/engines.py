@@ -1,0 +1,329 @@
+"""Per-task gradient engines: the K task gradients of shared parameters, one interface.
+
+``engine.task_gradients(losses, parameters, group=None)`` returns, for each parameter, a tensor
+(K, *p.shape) holding ``∇_p losses[k]`` for every k (None when no loss depends on p): K × P
+memory, which the gradient methods need to combine ``Σ c_k g_k`` after the Gramian solve. The
+Gramian is accumulated parameter by parameter, never from one flattened K × P copy. Both engines
+have a memory-bounded mode for the gradient methods (``AutogradEngine(chunk_numel=...)``,
+``OneBackwardEngine(model, low_memory=True)``) that trades K × P memory for one more pass.
+
+* :class:`AutogradEngine` — the reference: K ``autograd.grad`` calls with ``retain_graph``;
+  with ``chunk_numel`` the gradient methods only ever hold K × chunk_numel gradient entries.
+* :class:`OneBackwardEngine` — one backward: needs the tasks to be disjoint subsets of the batch
+  (``group`` gives each sample's task) and samples not to interact in the network. A single
+  backward of ``Σ_k L_k`` w.r.t. the *outputs* of the supported layers gives each sample's
+  output gradient (and skips the ordinary weight-gradient matmuls); each layer's per-task weight
+  gradient is then its weight-gradient formula on the task's batch segment
+  (:mod:`ant_core.mtl.layer_gradients`). Parameters outside supported layers fall back to
+  K extra backward passes restricted to them.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from .layer_gradients import TaskSegments, find_handler
+
+__all__ = ["AutogradEngine", "OneBackwardEngine", "resolve_engine", "task_gramian"]
+
+
+def _autograd_task_gradients(losses, params, retain_last=False):
+    num_tasks = losses.numel()
+    out = [None] * len(params)
+    if not losses.requires_grad:
+        return out
+    for k in range(num_tasks):
+        retain = retain_last or k < num_tasks - 1
+        grads = torch.autograd.grad(losses[k], params, retain_graph=retain, allow_unused=True)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                continue
+            if out[i] is None:
+                out[i] = torch.zeros((num_tasks, *p.shape), dtype=g.dtype, device=g.device)
+            out[i][k] = g
+    return out
+
+
+class AutogradEngine:
+    """Reference engine: K backward passes (``torch.autograd.grad`` with ``retain_graph``).
+
+    ``chunk_numel`` (default None: all parameters at once, K × P memory) bounds the memory of
+    the gradient methods: they then accumulate the Gramian over parameter chunks of at most
+    ``chunk_numel`` entries (a parameter larger than that is its own chunk) with K backward
+    passes per chunk, and write the result with one more backward of ``Σ_k c_k L_k``.
+    """
+
+    def __init__(self, chunk_numel=None):
+        if chunk_numel is not None and (isinstance(chunk_numel, bool)
+                                        or not isinstance(chunk_numel, int) or chunk_numel < 1):
+            raise ValueError(f"chunk_numel must be None or an int >= 1, got {chunk_numel!r}")
+        self.chunk_numel = chunk_numel
+
+    def chunks(self, parameters):
+        """Consecutive groups of parameters with at most ``chunk_numel`` entries each."""
+        chunk, size = [], 0
+        for p in parameters:
+            if chunk and size + p.numel() > self.chunk_numel:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(p)
+            size += p.numel()
+        if chunk:
+            yield chunk
+
+    def task_gradients(self, losses, parameters, *, group=None, retain_graph=False):
+        """Per-parameter (K, *shape) task gradients (None for parameters no loss uses)."""
+        return _autograd_task_gradients(losses, list(parameters), retain_last=retain_graph)
+
+    def discard(self):
+        """Nothing recorded; present for interface parity with :class:`OneBackwardEngine`."""
+
+
+def resolve_engine(engine):
+    """``"autograd"`` -> :class:`AutogradEngine`; an engine object is returned unchanged."""
+    if engine == "autograd" or engine is None:
+        return AutogradEngine()
+    if isinstance(engine, str):
+        raise ValueError(f"engine must be 'autograd' or an engine object, got {engine!r}")
+    if not hasattr(engine, "task_gradients"):
+        raise TypeError("engine must provide task_gradients(losses, parameters, group=...)")
+    return engine
+
+
+class OneBackwardEngine:
+    """One-backward per-task gradients for models whose samples do not interact.
+
+    Usage::
+
+        engine = OneBackwardEngine(model)
+        method = ant_core.mtl.create("pcgrad", num_tasks=K, engine=engine)
+        with engine.record():
+            pred = model(x_t, t)
+        losses = ant_core.grouped_mse(pred, target, group, K)
+        method.backward(losses, model.parameters(), group=group)
+
+    Supported layers: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), the
+    affine parameters of ``nn.LayerNorm`` / ``nn.GroupNorm`` and ``nn.Embedding`` (dense, no
+    ``max_norm``); add more with :func:`ant_core.mtl.layer_gradients.register_layer_handler`.
+    Every call of a supported layer must see the batch on dim 0 (B = ``len(group)``); a layer
+    called on anything else, parameters of unsupported layers (e.g. ``nn.MultiheadAttention``'s
+    packed projection, free ``nn.Parameter`` such as position embeddings) and parameters not in
+    ``model`` take the fallback path (K backward passes restricted to them — keep them few).
+
+    Memory: by default the gradient methods hold all K task gradients (K × P) and combine
+    them. With ``low_memory=True`` they use :meth:`gramian_and_writer` instead: per-task
+    gradients live one layer at a time and the combination costs one more weight-gradient pass
+    (slower: about +1 weight-gradient computation per step). Under DDP every rank must run the
+    same supported layers (the per-layer all-reduces are matched by order).
+
+    Requirements (the caller's responsibility, as the engine cannot see them): ``losses[k]``
+    depends only on the samples of task k; a supported layer's parameters are used only through
+    that layer's ``forward``; its output is not modified in place (checked). BatchNorm in
+    training mode (or without running stats) mixes samples and is refused with ValueError.
+    """
+
+    def __init__(self, model: nn.Module, *, low_memory: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(low_memory, bool):
+            raise TypeError(f"low_memory must be a bool, got {type(low_memory).__name__}")
+        self.model = model
+        self.low_memory = low_memory
+        self._records = []
+        self._recording = False
+        self._handles = []
+        self.handled_modules = []
+        #: parameters that took the K-backward path in the last ``task_gradients`` call
+        self.fallback_parameters = []
+        for module in model.modules():
+            handler = find_handler(module)
+            if handler is not None:
+                self.handled_modules.append(module)
+                self._handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, module, inputs, output):
+        if self._recording and torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
+                and output.requires_grad and inputs and isinstance(inputs[0], torch.Tensor):
+            self._records.append((module, inputs[0].detach(), output, output._version))
+
+    @contextlib.contextmanager
+    def record(self):
+        """Record the supported layers' inputs/outputs during the forward pass inside."""
+        self._records = []
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+
+    def discard(self):
+        """Drop what was recorded (e.g. on steps that need no per-task gradients)."""
+        self._records = []
+
+    def remove(self):
+        """Remove the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _check_no_interaction(self):
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                    module.training or not module.track_running_stats):
+                raise ValueError(
+                    f"model contains {type(module).__name__} using batch statistics: samples "
+                    "interact, so per-task gradients cannot be split; use AutogradEngine")
+
+    def _one_backward(self, losses, params, group):
+        """The shared first half: fallback task gradients, then one backward to layer outputs.
+
+        Returns ``(tasks, items, fallback, fallback_grads)`` with ``items`` a list of
+        ``(module, input, output, output_grad)`` in the parameters' dtype.
+        """
+        if group is None:
+            raise ValueError("group (the per-sample task ids) is required by OneBackwardEngine")
+        self._check_no_interaction()
+        records, self._records = self._records, []
+        tasks = TaskSegments(group.reshape(-1).to(losses.device), losses.numel())
+        batch = tasks.batch_size
+        usable, rejected = [], set()
+        for module, x, y, version in records:
+            if y._version != version:
+                raise ValueError(f"the output of {module} was modified in place after its "
+                                 "forward; use out-of-place ops (e.g. inplace=False)")
+            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != batch or y.shape[0] != batch:
+                rejected.add(module)
+            else:
+                usable.append((module, x, y))
+        usable = [r for r in usable if r[0] not in rejected]
+        owned = {id(p) for module, _, _ in usable for p in module.parameters(recurse=False)}
+        fallback = [i for i, p in enumerate(params) if id(p) not in owned]
+        self.fallback_parameters = [params[i] for i in fallback]
+        if not records and params:
+            warnings.warn("OneBackwardEngine recorded nothing: run the forward inside "
+                          "engine.record(); using K backward passes", RuntimeWarning, stacklevel=4)
+        fallback_grads = []
+        if fallback:
+            fallback_grads = _autograd_task_gradients(losses, [params[i] for i in fallback],
+                                                      retain_last=bool(usable))
+        if not usable or not losses.requires_grad:
+            return tasks, [], fallback, fallback_grads
+        output_grads = torch.autograd.grad(losses.sum(), [y for _, _, y in usable],
+                                           allow_unused=True)
+        items = []
+        for (module, x, y), gy in zip(usable, output_grads):
+            if gy is not None:
+                dtype = module_dtype(module)
+                items.append((module, x.to(dtype) if x.is_floating_point() else x,
+                              y.detach().to(dtype), gy.to(dtype)))
+        return tasks, items, fallback, fallback_grads
+
+    @staticmethod
+    def _accumulate(out, index, module, per_layer, select=None):
+        for name, g in per_layer.items():
+            i = index.get(id(getattr(module, name)))
+            if i is not None:
+                g = g if select is None else g[select]
+                out[i] = g if out[i] is None else out[i] + g
+
+    def task_gradients(self, losses, parameters, *, group=None):
+        """Per-parameter (K, *shape) task gradients from one backward (see class docstring)."""
+        params = list(parameters)
+        tasks, items, fallback, fallback_grads = self._one_backward(losses, params, group)
+        out = [None] * len(params)
+        for i, g in zip(fallback, fallback_grads):
+            out[i] = g
+        index = {id(p): i for i, p in enumerate(params)}
+        for module, x, y, gy in items:
+            self._accumulate(out, index, module, find_handler(module)(module, x, gy, tasks, y))
+        return out
+
+    def gramian_and_writer(self, losses, parameters, *, group=None, reduce=None):
+        """Gramian without holding all task gradients, and a writer of ``Σ_k c_k g_k``.
+
+        Per-task gradients live one layer at a time (K × largest layer; a parameter shared by
+        several layers is kept until all of them are done); ``reduce`` (e.g. a DDP SUM
+        all-reduce, in place) is applied to them before they enter the Gramian. Returns
+        ``(gramian, write)``: ``gramian`` a (K, K) float64 tensor and ``write(coeffs)`` the
+        per-parameter **local** combined gradients (None where unused), computed with one more
+        weight-gradient pass on output gradients scaled by ``coeffs[group]``.
+        """
+        params = list(parameters)
+        num_tasks = losses.numel()
+        tasks, items, fallback, fallback_grads = self._one_backward(losses, params, group)
+        index = {id(p): i for i, p in enumerate(params)}
+        users = {}
+        for module, _, _, _ in items:
+            for p in module.parameters(recurse=False):
+                users[id(p)] = users.get(id(p), 0) + 1
+        pending, parts = {}, []
+        gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=losses.device)
+        for module, x, y, gy in items:
+            per_layer = find_handler(module)(module, x, gy, tasks, y)
+            for name, g in per_layer.items():
+                key = id(getattr(module, name))
+                if key not in index:
+                    continue
+                pending[key] = g if key not in pending else pending[key] + g
+                users[key] -= 1
+                if users[key] == 0:
+                    parts.append(pending.pop(key))
+            if parts:
+                if reduce is not None:
+                    reduce(parts)
+                gramian += task_gramian(parts, num_tasks).to(gramian.device)
+                parts = []
+        reduced_fallback = [g for g in fallback_grads if g is not None]
+        if reduce is not None:
+            reduced_fallback = [g.clone() for g in reduced_fallback]
+            reduce(reduced_fallback)
+        gramian += task_gramian(reduced_fallback, num_tasks).to(gramian.device)
+
+        def write(coeffs):
+            coeffs = torch.as_tensor(coeffs)
+            out = [None] * len(params)
+            for i, g in zip(fallback, fallback_grads):
+                if g is not None:
+                    out[i] = torch.tensordot(coeffs.to(g), g, dims=1)
+            single = TaskSegments(torch.zeros_like(tasks.group), 1)
+            per_sample = coeffs.to(tasks.group.device)[tasks.group]
+            for module, x, y, gy in items:
+                factor = per_sample.to(gy.dtype).view(-1, *([1] * (gy.dim() - 1)))
+                per_layer = find_handler(module)(module, x, gy * factor, single, y)
+                self._accumulate(out, index, module, per_layer, select=0)
+            return out
+
+        return gramian, write
+
+
+def module_dtype(module):
+    """The floating dtype of a module's parameters (computation dtype of its gradients)."""
+    for p in module.parameters(recurse=False):
+        return p.dtype
+    return torch.get_default_dtype()
+
+
+def task_gramian(task_grads, num_tasks, small_numel: int = 1 << 14):
+    """Gramian (K, K) float64 of per-parameter (K, *shape) task gradients (None skipped).
+
+    Accumulated parameter by parameter (no K × P copy); parameters smaller than
+    ``small_numel`` are concatenated first so that many tiny ones cost one matmul.
+    """
+    gramian = None
+    small, big = [], []
+    for g in task_grads:
+        if g is not None:
+            (small if g[0].numel() < small_numel else big).append(g.reshape(num_tasks, -1))
+    by_dtype = {}
+    for flat in small:
+        by_dtype.setdefault((flat.dtype, flat.device), []).append(flat)
+    blocks = big + [torch.cat(group, dim=1) for group in by_dtype.values()]
+    for flat in blocks:
+        part = (flat @ flat.T).double()
+        gramian = part if gramian is None else gramian + part.to(gramian.device)
+    if gramian is None:
+        return torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+    return gramian

@@ -1,0 +1,199 @@
+"""Per-task parameter gradients of single layers from their input and output gradient.
+
+Used by :class:`ant_core.mtl.engines.OneBackwardEngine`. When the K tasks are disjoint subsets
+of the batch and samples do not interact, a layer's gradient for task k is its ordinary weight
+gradient restricted to task k's samples: the same matmul / convolution-weight / reduction,
+applied to the task's segment of the batch.
+
+A handler is ``handler(module, input, grad_output, tasks) -> {param_name: (K, *shape)}`` where
+``input`` and ``grad_output`` have the batch on dim 0 and ``tasks`` is a :class:`TaskSegments`
+(handlers that accept an ``output=`` keyword also receive the layer's output).
+Extend the engine with :func:`register_layer_handler` (a ``supports(module) -> bool`` predicate
+says whether a given instance can be handled; otherwise its parameters fall back to the
+extra-backward path).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TaskSegments", "register_layer_handler", "find_handler"]
+
+
+class TaskSegments:
+    """The batch's task layout: ``group`` (B,) ids in ``[0, K)``, contiguous when sorted."""
+
+    def __init__(self, group: torch.Tensor, num_tasks: int):
+        if group.dim() != 1 or group.dtype not in (torch.int64, torch.int32):
+            raise ValueError("group must be a 1-D integer tensor of task ids")
+        if group.numel() and (int(group.min()) < 0 or int(group.max()) >= num_tasks):
+            raise ValueError(f"group ids must lie in [0, {num_tasks})")
+        self.group = group.long()
+        self.num_tasks = num_tasks
+        self.batch_size = group.numel()
+        counts = torch.bincount(self.group, minlength=num_tasks).tolist()
+        is_sorted = bool(torch.all(self.group[1:] >= self.group[:-1])) if self.batch_size else True
+        self.order = None if is_sorted else torch.argsort(self.group, stable=True)
+        starts = [0]
+        for c in counts[:-1]:
+            starts.append(starts[-1] + c)
+        self.slices = [slice(s, s + c) for s, c in zip(starts, counts)]
+        self._indicators = {}
+
+    def split(self, x: torch.Tensor):
+        """The K per-task pieces of ``x`` (batch on dim 0); views when the batch is sorted."""
+        if self.order is not None:
+            x = x.index_select(0, self.order)
+        return [x[s] for s in self.slices]
+
+    def indicator(self, dtype, device):
+        """The (K, B) 0/1 matrix of task membership (cached per dtype/device)."""
+        key = (dtype, device)
+        if key not in self._indicators:
+            self._indicators[key] = F.one_hot(self.group.to(device), self.num_tasks).T.to(dtype)
+        return self._indicators[key]
+
+    def sum_per_task(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Sum a per-sample tensor (B, ...) over each task's samples: (K, ...) (one matmul)."""
+        flat = per_sample.reshape(per_sample.shape[0], -1)
+        out = self.indicator(per_sample.dtype, per_sample.device) @ flat
+        return out.view(self.num_tasks, *per_sample.shape[1:])
+
+    def equal_segments(self) -> bool:
+        """True when the batch is sorted and every task has the same number of samples."""
+        return self.order is None and len({s.stop - s.start for s in self.slices}) == 1
+
+
+_HANDLERS = []  # (module type, supports(module), handler)
+
+
+def register_layer_handler(module_type, handler, supports=lambda module: True,
+                           wants_output=False):
+    """Teach the one-backward engine a layer type (checked before the built-in ones).
+
+    ``handler(module, input, grad_output, tasks)`` (plus ``output=`` when ``wants_output``)
+    returns ``{param_name: per-task gradient (K, *param.shape)}``.
+    """
+    _HANDLERS.insert(0, (module_type, supports, handler, wants_output))
+
+
+def find_handler(module):
+    """``handler(module, x, grad_output, tasks, output)`` for ``module``, or None (then its
+    parameters take the fallback path)."""
+    for module_type, supports, handler, wants_output in _HANDLERS:
+        if type(module) is module_type and supports(module):
+            if wants_output:
+                return lambda m, x, gy, tasks, output: handler(m, x, gy, tasks, output=output)
+            return lambda m, x, gy, tasks, output: handler(m, x, gy, tasks)
+    return None
+
+
+def _linear(module, x, gy, tasks):
+    out = {}
+    if tasks.equal_segments():  # one batched matmul over (K, samples per task · tokens)
+        k = tasks.num_tasks
+        a = x.reshape(k, -1, module.in_features)
+        g = gy.reshape(k, -1, module.out_features)
+        out["weight"] = torch.bmm(g.transpose(1, 2), a)
+    else:
+        out["weight"] = torch.stack([
+            g.reshape(-1, module.out_features).T @ a.reshape(-1, module.in_features)
+            for a, g in zip(tasks.split(x), tasks.split(gy))])
+    if module.bias is not None:
+        out["bias"] = tasks.sum_per_task(gy.reshape(gy.shape[0], -1, module.out_features).sum(1))
+    return out
+
+
+def _conv_weight_fn(module):
+    return {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+            3: torch.nn.grad.conv3d_weight}[len(module.kernel_size)]
+
+
+def _conv(module, x, gy, tasks):
+    weight_grad = _conv_weight_fn(module)
+    out = {}
+    grads = []
+    for a, g in zip(tasks.split(x), tasks.split(gy)):
+        if a.shape[0] == 0:
+            grads.append(torch.zeros_like(module.weight, dtype=gy.dtype))
+        else:
+            grads.append(weight_grad(a, module.weight.shape, g, module.stride, module.padding,
+                                     module.dilation, module.groups))
+    out["weight"] = torch.stack(grads)
+    if module.bias is not None:
+        out["bias"] = tasks.sum_per_task(gy.reshape(gy.shape[0], gy.shape[1], -1).sum(-1))
+    return out
+
+
+def _conv_supported(module):
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def _norm_affine(module, x, gy, tasks, output, per_sample_sum, recompute):
+    """Per-task affine gradients of a norm layer ``y = x̂ · w + b``.
+
+    ``per_sample_sum`` reduces a (B, ...) tensor to (B, *w.shape). When every ``|w| ≥ 1e-3`` the
+    weight gradient comes from the output without re-normalising:
+    ``Σ gy · x̂ = (Σ gy · y − b Σ gy) / w``; otherwise ``x̂`` is recomputed from the input.
+    """
+    weight, bias = module.weight, module.bias
+    out = {}
+    grad_sum = per_sample_sum(gy)
+    if weight is not None:
+        w = weight.detach().to(gy.dtype)
+        if output is not None and bool(w.abs().min() >= 1e-3):
+            weighted = per_sample_sum(gy * output)
+            if bias is not None:
+                weighted = weighted - bias.detach().to(gy.dtype) * grad_sum
+            per_sample = weighted / w
+        else:
+            per_sample = per_sample_sum(gy * recompute())
+        out["weight"] = tasks.sum_per_task(per_sample)
+    if bias is not None:
+        out["bias"] = tasks.sum_per_task(grad_sum)
+    return out
+
+
+def _layer_norm(module, x, gy, tasks, output=None):
+    shape = tuple(module.normalized_shape)
+    return _norm_affine(module, x, gy, tasks, output,
+                        lambda t: t.reshape(t.shape[0], -1, *shape).sum(1),
+                        lambda: F.layer_norm(x, shape, None, None, module.eps))
+
+
+def _group_norm(module, x, gy, tasks, output=None):
+    return _norm_affine(module, x, gy, tasks, output,
+                        lambda t: t.reshape(t.shape[0], t.shape[1], -1).sum(-1),
+                        lambda: F.group_norm(x, module.num_groups, None, None, module.eps))
+
+
+def _embedding(module, indices, gy, tasks):
+    num, dim = module.weight.shape
+    per_token_task = tasks.group.view(-1, *([1] * (indices.dim() - 1))).expand_as(indices)
+    flat = (per_token_task * num + indices).reshape(-1)
+    grad = gy.new_zeros((tasks.num_tasks * num, dim)).index_add_(0, flat, gy.reshape(-1, dim))
+    grad = grad.view(tasks.num_tasks, num, dim)
+    if module.padding_idx is not None:
+        grad[:, module.padding_idx] = 0
+    return {"weight": grad}
+
+
+def _embedding_supported(module):
+    return module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
+
+
+def _affine_supported(module):
+    return getattr(module, "elementwise_affine", getattr(module, "affine", True))
+
+
+for _type, _handler, _supports, _wants_output in [
+    (nn.Linear, _linear, lambda m: True, False),
+    (nn.Conv1d, _conv, _conv_supported, False),
+    (nn.Conv2d, _conv, _conv_supported, False),
+    (nn.Conv3d, _conv, _conv_supported, False),
+    (nn.LayerNorm, _layer_norm, _affine_supported, True),
+    (nn.GroupNorm, _group_norm, _affine_supported, True),
+    (nn.Embedding, _embedding, _embedding_supported, False),
+]:
+    _HANDLERS.append((_type, _supports, _handler, _wants_output))

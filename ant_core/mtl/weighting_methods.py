@@ -1,0 +1,241 @@
+"""Loss-weighting methods: one backward of ``Σ_k w_k L_k`` per step.
+
+DDP cost of every method here: one all-reduce of 2K numbers (task counts and losses, so the
+weights are computed from the union-batch losses and agree on all ranks) plus one all-reduce of
+the P gradient entries (what DDP itself costs). GradNorm adds K·|W| for its chosen layer W.
+Own parameters (UW's log-variances, GradNorm's weights) receive loss-scaled ``.grad`` like the
+model, so put :meth:`MTLMethod.param_groups` in the optimizer the GradScaler steps.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import distributed
+from .base import MTLMethod, register
+
+__all__ = ["EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage",
+           "RandomLossWeighting", "GradNorm", "FAMO"]
+
+
+class _LossWeighting(MTLMethod):
+    """Shared ``backward``: global losses -> ``_weights`` -> one weighted backward."""
+
+    def _weights(self, global_losses, scale):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, losses, shared_parameters, *, task_counts=None, group=None,
+                 grad_scaler=None):
+        """Fill ``.grad`` of ``shared_parameters`` with ``Σ w_k ∇L_k``; return ``w`` (float32)."""
+        losses, params, shares, scale = self._prepare(losses, shared_parameters, task_counts,
+                                                      group, grad_scaler)
+        self._params, self._shares = params, shares  # for methods needing layer gradients
+        self._losses = losses
+        try:
+            weights = self._weights(
+                distributed.global_losses(losses, shares, self.process_group), scale)
+        finally:
+            del self._params, self._shares, self._losses
+        weights = self._weighted_backward(losses, params, weights.detach().double(), shares,
+                                          scale)
+        return weights.float()
+
+
+@register("ew")
+class EqualWeighting(_LossWeighting):
+    """Equal weights ``w_k = 1/K`` (vanilla training on a stratified batch)."""
+
+    def _weights(self, global_losses, scale):
+        return torch.full_like(global_losses, 1.0 / self.num_tasks)
+
+
+@register("uw")
+class UncertaintyWeighting(_LossWeighting):
+    """Uncertainty weighting in the paper's form ``Σ_k ½(e^{−s_k} L_k / K + s_k)``.
+
+    ``s`` (``log_vars``, init 0) is an ``nn.Parameter``; ``backward`` also adds the objective's
+    gradient to ``log_vars.grad`` (computed on the union-batch losses). The paper trains ``s``
+    in its own optimizer group: ``AdamW(model_groups + uw.param_groups())`` where
+    ``param_groups()`` gives lr 0.025 and no weight decay. Weights ``w_k = ½ e^{−s_k} / K``.
+    """
+
+    def __init__(self, num_tasks, *, process_group=None):
+        super().__init__(num_tasks, process_group=process_group)
+        self.log_vars = nn.Parameter(torch.zeros(num_tasks))
+
+    def _weights(self, global_losses, scale):
+        s = self.log_vars
+        losses = global_losses.to(device=s.device, dtype=s.dtype)
+        objective = 0.5 * (torch.exp(-s) * losses / self.num_tasks + s).sum()
+        (grad,) = torch.autograd.grad(objective, s)
+        grad = grad * scale.to(device=s.device, dtype=s.dtype)
+        s.grad = grad if s.grad is None else s.grad + grad
+        weights = 0.5 * torch.exp(-s.detach().double()) / self.num_tasks
+        return weights.to(global_losses.device)
+
+
+@register("dwa")
+class DynamicWeightAverage(_LossWeighting):
+    """Dynamic Weight Average (Liu et al. 2019): ``w = softmax(r / temperature)``.
+
+    ``r_k = L_k(t−1) / L_k(t−2)`` from the union-batch losses of the two previous calls;
+    ``w = 1/K`` until two calls have been seen. Weights sum to 1.
+    """
+
+    def __init__(self, num_tasks, *, temperature: float = 2.0, process_group=None):
+        super().__init__(num_tasks, process_group=process_group)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.register_buffer("loss_history", torch.zeros(2, num_tasks, dtype=torch.float64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def _weights(self, global_losses, scale):
+        if int(self.calls) >= 2:
+            ratio = self.loss_history[1] / self.loss_history[0]
+            weights = torch.softmax(ratio / self.temperature, dim=0)
+        else:
+            weights = torch.full_like(global_losses, 1.0 / self.num_tasks)
+        self.loss_history.copy_(torch.stack([self.loss_history[1], global_losses.cpu()
+                                             .to(self.loss_history)]))
+        self.calls += 1
+        return weights.to(global_losses.device)
+
+
+@register("rlw")
+class RandomLossWeighting(_LossWeighting):
+    """Random loss weighting (Lin et al. 2022): ``w = softmax(z)``, ``z ~ N(0, I)`` each step.
+
+    Drawn from a private generator seeded with ``seed`` (identical on all ranks).
+    """
+
+    def __init__(self, num_tasks, *, seed: int = 0, process_group=None):
+        super().__init__(num_tasks, process_group=process_group)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def _weights(self, global_losses, scale):
+        z = torch.randn(self.num_tasks, generator=self.generator, dtype=torch.float64)
+        return torch.softmax(z, dim=0).to(global_losses.device)
+
+
+@register("gradnorm")
+class GradNorm(_LossWeighting):
+    """GradNorm (Chen et al. 2018) with learnable weights ``task_weights`` (sum K).
+
+    Per-task gradient norms ``n_k = ‖∇_W L_k‖`` are taken at one shared parameter ``W``:
+    ``gradnorm_parameter`` (a tensor among the shared parameters, or an index into them);
+    default the **last** shared parameter with ``requires_grad`` (the output layer's last
+    tensor in a usual ``model.parameters()`` order). The balancing loss
+    ``Σ_k |w_k n_k − mean(w n) · r_k^α|`` (``r_k`` the relative inverse training rate from the
+    first call's losses, target held constant) gives ``task_weights.grad``; the weights are
+    renormalised to sum to K at each call. Gradient written: ``Σ (w_k / K) ∇L_k``.
+    Costs K extra backward passes restricted to ``W``.
+    """
+
+    def __init__(self, num_tasks, *, alpha: float = 1.5, gradnorm_parameter=None,
+                 process_group=None):
+        super().__init__(num_tasks, process_group=process_group)
+        self.alpha = float(alpha)
+        self.gradnorm_parameter = gradnorm_parameter
+        self.task_weights = nn.Parameter(torch.ones(num_tasks))
+        self.register_buffer("initial_losses", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def _layer(self):
+        chosen = self.gradnorm_parameter
+        if chosen is None:
+            return self._params[-1]
+        if isinstance(chosen, int):
+            return self._params[chosen]
+        if not any(chosen is p for p in self._params):
+            raise ValueError("gradnorm_parameter must be one of the shared parameters")
+        return chosen
+
+    def _weights(self, global_losses, scale):
+        with torch.no_grad():
+            self.task_weights.mul_(self.num_tasks / self.task_weights.sum())
+        if not bool(self.initialised):
+            self.initial_losses.copy_(global_losses.to(self.initial_losses.device))
+            self.initialised.fill_(True)
+        layer = self._layer()
+        scaled = self._losses * (self._shares * scale.double()).to(self._losses.dtype)
+        layer_grads = []
+        for k in range(self.num_tasks):
+            g = torch.autograd.grad(scaled[k], layer, retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)[0]
+            layer_grads.append(g.detach())
+        distributed.all_reduce_sum(layer_grads, self.process_group)
+        device = self.task_weights.device
+        norms = (torch.stack([g.double().norm() for g in layer_grads]) / scale.double()).to(device)
+        w = self.task_weights.detach().double()
+        weighted = w * norms
+        ratio = global_losses.to(device) / self.initial_losses.clamp_min(1e-12)
+        target = weighted.mean() * (ratio / ratio.mean()) ** self.alpha
+        grad = torch.sign(weighted - target) * norms * scale.double().to(device)
+        tw = self.task_weights
+        grad = grad.to(tw)
+        tw.grad = grad if tw.grad is None else tw.grad + grad
+        return (w / self.num_tasks).to(global_losses.device)
+
+
+@register("famo")
+class FAMO(_LossWeighting):
+    """FAMO (Liu et al. 2023): fast adaptive multitask optimisation, O(1) extra backward.
+
+    Task logits ``ξ`` (buffer ``logits``), ``z = softmax(ξ)``, ``D_k = L_k − min_loss_k + ε``.
+    ``backward`` writes the gradient of ``Σ_k z_k log D_k / c`` with ``c = Σ_j z_j / D_j``, i.e.
+    weights ``w_k = z_k / (c D_k)`` (sum 1). After ``optimizer.step()`` call
+    :meth:`update` with the losses recomputed (under ``torch.no_grad()``) on the same batch: it
+    sets ``δ_k = log D_k(before) − log D_k(after)``, the logit gradient ``J_softmax(ξ)ᵀ δ``, and
+    takes one Adam step (``lr``, betas (0.9, 0.999), eps 1e-8, L2 ``weight_decay`` added to the
+    gradient, as torch.optim.Adam) on ``ξ``; the Adam state lives in buffers (checkpointed).
+    """
+
+    def __init__(self, num_tasks, *, lr: float = 0.025, weight_decay: float = 1e-3,
+                 epsilon: float = 1e-8, min_losses=None, process_group=None):
+        super().__init__(num_tasks, process_group=process_group)
+        self.lr, self.weight_decay, self.epsilon = float(lr), float(weight_decay), float(epsilon)
+        mins = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses)
+        if mins.shape != (num_tasks,):
+            raise ValueError(f"min_losses must have shape ({num_tasks},)")
+        self.register_buffer("min_losses", mins.double())
+        self.register_buffer("logits", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("adam_exp_avg", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("adam_exp_avg_sq", torch.zeros(num_tasks, dtype=torch.float64))
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("previous_losses", torch.full((num_tasks,), float("nan"),
+                                                           dtype=torch.float64))
+
+    def _shifted(self, global_losses):
+        return global_losses - self.min_losses.to(global_losses.device) + self.epsilon
+
+    def _weights(self, global_losses, scale):
+        shifted = self._shifted(global_losses)
+        z = torch.softmax(self.logits.to(shifted.device), dim=0)
+        c = (z / shifted).sum()
+        self.previous_losses.copy_(global_losses)
+        return z / (c * shifted)
+
+    @torch.no_grad()
+    def update(self, new_losses, *, task_counts=None, group=None):
+        """Update the logits from the losses after the step (same batch); returns ``δ``."""
+        new_losses = self._check_losses(new_losses)
+        if torch.isnan(self.previous_losses).any():
+            raise RuntimeError("FAMO.update called before backward")
+        if task_counts is None and group is not None:
+            task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
+        shares = distributed.task_shares(self.num_tasks, task_counts, new_losses.device,
+                                         self.process_group)
+        new = distributed.global_losses(new_losses, shares, self.process_group)
+        delta = (torch.log(self._shifted(self.previous_losses.to(new.device)))
+                 - torch.log(self._shifted(new))).to(self.logits.device)
+        z = torch.softmax(self.logits, dim=0)
+        grad = z * (delta - (z * delta).sum()) + self.weight_decay * self.logits
+        self.adam_step += 1
+        step = int(self.adam_step)
+        self.adam_exp_avg.mul_(0.9).add_(grad, alpha=0.1)
+        self.adam_exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
+        denom = (self.adam_exp_avg_sq / (1 - 0.999 ** step)).sqrt() + 1e-8
+        self.logits.sub_(self.lr * (self.adam_exp_avg / (1 - 0.9 ** step)) / denom)
+        self.previous_losses.fill_(float("nan"))
+        return delta

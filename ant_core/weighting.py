@@ -1,0 +1,108 @@
+"""Per-sample diffusion loss weightings: Min-SNR-γ, P2, and continuous uncertainty (EDM2).
+
+All take the per-sample SNR (or log-SNR) as a tensor of shape (B,) and return per-sample weights
+(or weighted losses) of the same shape, to multiply the per-sample loss with (e.g. the
+``weight=`` argument of ``ant_core.grouped_mse``).
+
+* :func:`min_snr_weight` — Hang et al. 2023: ``min(SNR, γ)/SNR`` (ε target),
+  ``min(SNR, γ)/(SNR + 1)`` (v target), ``min(SNR, γ)`` (x0 target).
+* :func:`p2_weight` — Choi et al. 2022: ``1 / (k + SNR)^γ``.
+* :class:`ContinuousUncertainty` — Karras et al. 2024 (EDM2): ``loss · e^{−u(λ)} + u(λ)`` with
+  ``u`` a small learned network of the log-SNR ``λ`` (uncertainty weighting made continuous).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["min_snr_weight", "p2_weight", "ContinuousUncertainty"]
+
+_TARGETS = ("eps", "v", "x0")
+
+
+def _check_snr(snr, name="snr", allow_negative=False):
+    if not isinstance(snr, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (B,), got {type(snr).__name__}")
+    if snr.dim() != 1:
+        raise ValueError(f"{name} must have shape (B,), got {tuple(snr.shape)}")
+    if not snr.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {snr.dtype}")
+    if torch.isnan(snr).any() or (not allow_negative and (snr < 0).any()):
+        raise ValueError(f"{name} must be {'finite' if allow_negative else 'non-negative'}"
+                         " and not NaN")
+    return snr
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, target: str = "eps") -> torch.Tensor:
+    """Min-SNR-γ per-sample weight for prediction ``target`` in {"eps", "v", "x0"}.
+
+    ``SNR = 0`` gives 1 for ε (the limit of ``min(SNR, γ)/SNR``), 0 for v and x0.
+    """
+    snr = _check_snr(snr)
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    clipped = torch.clamp(snr, max=gamma)
+    if target == "eps":
+        return torch.clamp(gamma / snr, max=1.0)
+    if target == "v":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
+def p2_weight(snr: torch.Tensor, k: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
+    """P2 weight ``1 / (k + SNR)^γ`` (γ = 0 gives 1, vanilla)."""
+    snr = _check_snr(snr)
+    if not k > 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return (k + snr).pow(-gamma)
+
+
+class ContinuousUncertainty(nn.Module):
+    """EDM2 continuous uncertainty: ``loss · e^{−u(λ)} + u(λ)`` per sample.
+
+    ``u`` maps the log-SNR ``λ`` (B,) through fixed random Fourier features
+    ``√2 cos(2π(f · input_scale · λ + φ))`` (``f ~ N(0, 1)``, ``φ ~ U[0, 1)``, buffers) and a
+    small MLP (``hidden`` units, 0 for a single linear layer as in EDM2) whose last layer
+    starts at zero, so ``u ≡ 0`` (weight 1) at initialisation. For a fixed λ the objective is
+    minimised at ``u = log E[loss]``: the learned weight ``e^{−u}`` is the inverse expected loss.
+    Train its parameters with the model (EDM2 uses the model's learning rate).
+    """
+
+    def __init__(self, num_features: int = 64, hidden: int = 0, input_scale: float = 0.25,
+                 seed: int = 0):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be an int >= 1, got {num_features}")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"hidden must be an int >= 0, got {hidden}")
+        gen = torch.Generator().manual_seed(seed)
+        self.input_scale = float(input_scale)
+        self.register_buffer("frequencies", torch.randn(num_features, generator=gen))
+        self.register_buffer("phases", torch.rand(num_features, generator=gen))
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(num_features, hidden), nn.SiLU(),
+                                     nn.Linear(hidden, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(num_features, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def log_variance(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """``u(λ)`` of shape (B,)."""
+        log_snr = _check_snr(log_snr, "log_snr", allow_negative=True)
+        x = log_snr.to(self.frequencies.dtype)[:, None] * self.input_scale
+        features = math.sqrt(2.0) * torch.cos(2 * math.pi * (x * self.frequencies + self.phases))
+        return self.net(features.to(self.net[0].weight.dtype)).squeeze(-1)
+
+    def forward(self, loss: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``loss · e^{−u} + u`` (B,); average it for the training loss."""
+        if not isinstance(loss, torch.Tensor) or loss.shape != log_snr.shape:
+            raise ValueError("loss must be a tensor with the shape of log_snr (B,)")
+        u = self.log_variance(log_snr)
+        return loss * torch.exp(-u) + u

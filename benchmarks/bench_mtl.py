@@ -1,0 +1,184 @@
+"""Step time of each MTL method relative to equal weighting (EW), per gradient engine, on CPU.
+
+Two small diffusion-like networks: a conv net with GroupNorm (UNet-like) and a transformer
+(DiT-like), K = 5 timestep clusters, a stratified batch. A step is forward + grouped loss +
+``method.backward`` + SGD step; the ratio is the median step time over the median EW step time
+measured in the same run. Also times the Nash-MTL Newton solve for K = 5 and 32.
+
+    python benchmarks/bench_mtl.py --quick      # < 3 minutes on 2 cores
+    python benchmarks/bench_mtl.py --steps 30
+
+Reference points (ANT paper, LDM FFHQ on GPU): PCGrad 1.38x, Nash-MTL (every 25 steps) 1.05x,
+UW 1.00x vanilla.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ant_core import mtl
+from ant_core.mtl.gradient_solvers import nash_mtl_weights
+
+K = 5
+
+
+class ConvNet(nn.Module):
+    """UNet-like: time Embedding, Conv2d + GroupNorm + SiLU blocks, 1x1 conv out."""
+
+    def __init__(self, channels=32):
+        super().__init__()
+        self.time = nn.Embedding(1000, channels)
+        self.inp = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.GroupNorm(8, channels), nn.Conv2d(channels, channels, 3, padding=1)])
+            for _ in range(4))
+        self.out = nn.Conv2d(channels, 3, 1)
+
+    def forward(self, x, t):
+        h = self.inp(x) + self.time(t)[:, :, None, None]
+        for norm, conv in self.blocks:
+            h = h + conv(F.silu(norm(h)))
+        return self.out(h)
+
+
+class DiT(nn.Module):
+    """DiT-like: patch Linear, position/time Embedding, pre-LN attention + MLP blocks."""
+
+    def __init__(self, dim=96, depth=3, heads=4, patch=4, image=16):
+        super().__init__()
+        self.patch, self.heads = patch, heads
+        self.tokens = (image // patch) ** 2
+        self.embed = nn.Linear(3 * patch * patch, dim)
+        self.pos = nn.Embedding(self.tokens, dim)
+        self.time = nn.Embedding(1000, dim)
+        self.blocks = nn.ModuleList(nn.ModuleList([
+            nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.LayerNorm(dim),
+            nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)]) for _ in range(depth))
+        self.out = nn.Linear(dim, 3 * patch * patch)
+
+    def forward(self, x, t):
+        b = x.shape[0]
+        p = self.patch
+        tokens = F.unfold(x, p, stride=p).transpose(1, 2)
+        positions = torch.arange(self.tokens, device=x.device).expand(b, -1)
+        h = self.embed(tokens) + self.pos(positions) + self.time(t)[:, None]
+        for ln1, qkv, proj, ln2, fc1, fc2 in self.blocks:
+            q, k, v = qkv(ln1(h)).view(b, self.tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, self.tokens, -1)
+            h = h + proj(a)
+            h = h + fc2(F.gelu(fc1(ln2(h))))
+        out = self.out(h).transpose(1, 2)
+        return F.fold(out, x.shape[-2:], p, stride=p)
+
+
+def grouped_losses(pred, target, group):
+    per_sample = (pred - target).pow(2).flatten(1).mean(1)
+    sums = torch.zeros(K, dtype=per_sample.dtype).index_add(0, group, per_sample)
+    return sums / torch.bincount(group, minlength=K).clamp_min(1)
+
+
+def make_step(model, method, engine, batch, famo_reevaluate=True):
+    """A closure running one training step of ``method`` (None: vanilla mean loss)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 16, 16)
+    target = torch.randn_like(x)
+    group = (torch.arange(batch) % K).sort().values
+    t = group * 200 + torch.randint(0, 200, (batch,))
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        optimiser.zero_grad(set_to_none=True)
+        if method is None:
+            F.mse_loss(model(x, t), target).backward()
+        else:
+            with engine.record() if engine is not None else torch.enable_grad():
+                pred = model(x, t)
+            method.backward(grouped_losses(pred, target, group), model.parameters(), group=group)
+        optimiser.step()
+        if method is not None and method.method_name == "famo" and famo_reevaluate:
+            with torch.no_grad():
+                method.update(grouped_losses(model(x, t), target, group))
+
+    return step
+
+
+def ratio_to(base_step, step, steps):
+    """Median step time over the median base time, the two interleaved (robust to load).
+
+    With one intra-op thread the CPU time of this process is measured (``process_time``),
+    which other processes on a shared machine disturb much less than wall-clock time.
+    """
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    for _ in range(2):
+        base_step(), step()
+    base_times, times = [], []
+    for _ in range(steps):
+        for fn, out in ((base_step, base_times), (step, times)):
+            start = clock()
+            fn()
+            out.append(clock() - start)
+    return statistics.median(times) / statistics.median(base_times), statistics.median(base_times)
+
+
+def run(steps, batch, quick):
+    weighting = ["uw", "famo"] if quick else ["uw", "dwa", "rlw", "famo", "gradnorm"]
+    gradient = ["pcgrad", "nashmtl", "mgda"] if quick else \
+        ["pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl"]
+    for name, make in [("conv+GroupNorm", ConvNet), ("transformer", DiT)]:
+        model = make()
+        params = sum(p.numel() for p in model.parameters())
+        ew = make_step(model, mtl.create("ew", num_tasks=K), None, batch)
+        vanilla, base = ratio_to(ew, make_step(model, None, None, batch), steps)
+        print(f"\n{name}: {params / 1e6:.2f}M params, batch {batch}, K={K}; "
+              f"EW step {base * 1e3:.1f} ms (vanilla {vanilla:.2f}x EW)")
+        print(f"{'method':<22}{'engine':<17}{'x EW':>8}")
+        rows = [(m, "-", {}) for m in weighting] + [("famo (no re-eval.)", "-", {})]
+        engines = ("autograd", "one-backward") if quick else \
+            ("autograd", "one-backward", "one-bwd/low-mem")
+        rows += [(m, e, {}) for m in gradient + ["nashmtl/25"] for e in engines]
+        for method_name, engine_name, _ in rows:
+            engine = None
+            if engine_name.startswith("one-b"):
+                engine = mtl.OneBackwardEngine(model, low_memory=engine_name.endswith("low-mem"))
+            kwargs = {} if engine_name == "-" else {"engine": engine or "autograd"}
+            if method_name == "nashmtl/25":
+                kwargs["update_weights_every"] = 25
+            method = mtl.create(method_name.split("/")[0].split(" ")[0], num_tasks=K, **kwargs)
+            step = make_step(model, method, engine, batch,
+                             famo_reevaluate="no re-eval" not in method_name)
+            ratio, _ = ratio_to(ew, step, steps)
+            if engine is not None:
+                engine.remove()
+            print(f"{method_name:<22}{engine_name:<17}{ratio:>8.2f}")
+    rng = np.random.default_rng(0)
+    for k in (5, 32):
+        grads = rng.normal(size=(k, 4 * k))
+        gram = grads @ grads.T
+        start = time.perf_counter()
+        repeats = 50
+        for _ in range(repeats):
+            nash_mtl_weights(gram)
+        elapsed = (time.perf_counter() - start) / repeats
+        print(f"Nash-MTL Newton solve, K={k}: {elapsed * 1e3:.2f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer methods and steps")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
+    parser.add_argument("--batch", type=int, default=40, help="batch size")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 keeps ratios stable on a shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run(args.steps or (6 if args.quick else 20), args.batch, args.quick)
+
+
+if __name__ == "__main__":
+    main()

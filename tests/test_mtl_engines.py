@@ -1,0 +1,238 @@
+"""The one-backward engine against the K-backward reference engine (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ant_core import mtl
+from ant_core.mtl.engines import AutogradEngine, OneBackwardEngine, task_gramian
+
+
+def _group_losses(per_sample, group, num_tasks):
+    return torch.stack([per_sample[group == k].mean() if (group == k).any()
+                        else per_sample.sum() * 0 for k in range(num_tasks)])
+
+
+class ConvNet(nn.Module):
+    """Small UNet-like conv net: Conv2d, GroupNorm, Conv1d, Embedding time conditioning."""
+
+    def __init__(self):
+        super().__init__()
+        self.time = nn.Embedding(10, 8)
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.conv_mid = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.conv1d = nn.Conv1d(8, 4, 3, padding=1, dilation=1)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x, t):
+        h = self.conv_in(x) + self.time(t)[:, :, None, None]
+        h = F.silu(self.norm(h))
+        h = self.conv_mid(h).flatten(2)
+        h = self.conv1d(h).mean(-1)
+        return self.out(h)
+
+
+class TransformerBlock(nn.Module):
+    """DiT-like block: patch Linear, free position embedding, LN + attention within a sample."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Linear(4, dim)
+        self.pos = nn.Parameter(torch.randn(1, 5, dim) * 0.1)  # fallback path
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.patch(x) + self.pos
+        q, k, v = self.qkv(self.norm1(h)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        h = h + self.proj(a)
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h)
+
+
+class SharedTable(nn.Module):
+    """A Linear called on a non-batch tensor (its parameters must take the fallback path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Linear(3, 6)
+        self.body = nn.Linear(6, 2)
+        self.register_buffer("codes", torch.randn(4, 3))
+
+    def forward(self, x, t):
+        return self.body(x + self.table(self.codes)[t])
+
+
+def _compare(model, make_input, group, num_tasks, fallback=()):
+    model = model.double()
+    inputs = make_input()
+    target = torch.randn_like(model(*inputs))
+    params = list(model.parameters())
+
+    def per_sample():
+        return (model(*inputs) - target).pow(2).flatten(1).mean(1)
+
+    reference = AutogradEngine().task_gradients(
+        _group_losses(per_sample(), group, num_tasks), params)
+    engine = OneBackwardEngine(model)
+    with engine.record():
+        out = per_sample()
+    fast = engine.task_gradients(_group_losses(out, group, num_tasks), params, group=group)
+    for p, r, f in zip(params, reference, fast):
+        assert (r is None) == (f is None), p.shape
+        if r is not None:
+            torch.testing.assert_close(f, r, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(task_gramian(fast, num_tasks), task_gramian(reference, num_tasks))
+    assert {id(p) for p in engine.fallback_parameters} == {id(p) for p in fallback}
+    engine.remove()
+
+
+@pytest.mark.parametrize("sorted_groups", [True, False])
+def test_conv_net(sorted_groups):
+    torch.manual_seed(0)
+    group = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    if not sorted_groups:
+        group = group[torch.randperm(8)]
+    _compare(ConvNet(), lambda: (torch.randn(8, 3, 6, 6, dtype=torch.float64),
+                                 torch.randint(0, 10, (8,))), group, 4)
+
+
+def test_transformer_block_with_empty_task():
+    torch.manual_seed(1)
+    group = torch.tensor([0, 0, 0, 2, 2, 3])  # task 1 has no sample
+    model = TransformerBlock()
+    _compare(model, lambda: (torch.randn(6, 5, 4, dtype=torch.float64),), group, 4,
+             fallback=[model.pos])
+
+
+def test_random_stacks():
+    for seed in range(4):
+        torch.manual_seed(seed)
+        layers = [nn.Linear(6, 6), nn.LayerNorm(6), nn.Tanh(), nn.LayerNorm(6, bias=False),
+                  nn.Linear(6, 6, bias=False)]
+        order = torch.randperm(len(layers)).tolist()
+        model = nn.Sequential(nn.Linear(3, 6), *[layers[i] for i in order], nn.Linear(6, 2))
+        group = torch.randint(0, 3, (9,))
+        _compare(model, lambda: (torch.randn(9, 2, 3, dtype=torch.float64),), group, 3)
+
+
+def test_non_batch_call_falls_back():
+    torch.manual_seed(2)
+    group = torch.tensor([0, 1, 1, 0, 2])
+    model = SharedTable()
+    _compare(model, lambda: (torch.randn(5, 6, dtype=torch.float64),
+                             torch.randint(0, 4, (5,))), group, 3,
+             fallback=list(model.table.parameters()))
+
+
+def test_multihead_attention_falls_back():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(3)
+    model = Attn()
+    _compare(model, lambda: (torch.randn(4, 3, 4, dtype=torch.float64),),
+             torch.tensor([0, 0, 1, 1]), 2, fallback=list(model.attn.parameters()))
+
+
+def test_methods_agree_across_engines():
+    torch.manual_seed(4)
+    model = TransformerBlock().double()
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    target = torch.randn(6, 5, 4, dtype=torch.float64)
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    for name in ["pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl"]:
+        grads = []
+        for engine in ["autograd", OneBackwardEngine(model), OneBackwardEngine(model,
+                                                                       low_memory=True)]:
+            method = mtl.create(name, num_tasks=3, engine=engine)
+            model.zero_grad()
+            recorder = engine.record() if not isinstance(engine, str) else torch.enable_grad()
+            with recorder:
+                per_sample = (model(x) - target).pow(2).flatten(1).mean(1)
+            method.backward(_group_losses(per_sample, group, 3), model.parameters(), group=group)
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            if not isinstance(engine, str):
+                engine.remove()
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(grads[2], grads[0], rtol=1e-7, atol=1e-10)
+
+
+def test_refuses_batch_norm_and_inplace_outputs():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    engine = OneBackwardEngine(model)
+    group = torch.tensor([0, 1, 0, 1])
+    with engine.record():
+        out = model(torch.randn(4, 3, dtype=torch.float64)).squeeze(1)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()), group=group)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1)).double()
+    engine = OneBackwardEngine(model)
+    with engine.record():
+        out = model(torch.randn(4, 3, dtype=torch.float64)).squeeze(1)
+    with pytest.raises(ValueError, match="in place"):
+        engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()), group=group)
+    with pytest.raises(ValueError, match="group"):
+        engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()))
+    with pytest.raises(TypeError, match="model"):
+        OneBackwardEngine("model")
+
+
+def test_norm_layers_with_zero_scale_recompute():
+    """A zero affine scale makes x̂ unrecoverable from the output: the input path is used."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(12, 6),
+                          nn.LayerNorm(6), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[1].weight[1] = 0.0
+        model[4].weight[2] = 0.0
+    _compare(model, lambda: (torch.randn(6, 2, 3, dtype=torch.float64),),
+             torch.tensor([0, 1, 1, 2, 2, 2]), 3)
+
+
+def test_forward_outside_record_warns_and_falls_back():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    engine = OneBackwardEngine(model)
+    group = torch.tensor([0, 1, 1, 0])
+    params = list(model.parameters())
+    out = model(torch.randn(4, 3, dtype=torch.float64)).squeeze(1)
+    losses = _group_losses(out, group, 2)
+    reference = AutogradEngine().task_gradients(losses, params, retain_graph=True)
+    with pytest.warns(RuntimeWarning, match="record"):
+        fast = engine.task_gradients(losses, params, group=group)
+    for r, f in zip(reference, fast):
+        torch.testing.assert_close(f, r)
+
+
+def test_conv3d_dilated_conv1d_and_a_layer_called_twice():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv3 = nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1)
+            self.conv1 = nn.Conv1d(3, 3, 3, dilation=2, padding=2, bias=False)
+            self.shared = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.conv3(x).flatten(2)
+            h = self.conv1(h).mean(-1)
+            return self.shared(torch.tanh(self.shared(h)))  # same layer twice
+
+    torch.manual_seed(7)
+    _compare(Net(), lambda: (torch.randn(5, 2, 3, 4, 3, dtype=torch.float64),),
+             torch.tensor([0, 0, 1, 2, 2]), 3)

@@ -1,0 +1,427 @@
+"""MTL methods: the gradient contract, each method against an independent reference."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ant_core import mtl
+from ant_core.mtl import gradient_solvers as solvers
+
+K = 3
+
+
+def _problem(seed=0, num_tasks=K, batch=12):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 3)).double()
+    x = torch.randn(batch, 5, dtype=torch.float64)
+    y = torch.randn(batch, 3, dtype=torch.float64)
+    group = torch.arange(batch) % num_tasks
+    return model, x, y, group
+
+
+def _losses(model, x, y, group, num_tasks=K):
+    per_sample = (model(x) - y).pow(2).mean(1)
+    return torch.stack([per_sample[group == k].mean() for k in range(num_tasks)])
+
+
+def _explicit_task_grads(model, x, y, group, num_tasks=K):
+    """Per-task gradient vectors (K, P) by separate forward/backward per task."""
+    rows = []
+    for k in range(num_tasks):
+        loss = _losses(model, x, y, group, num_tasks)[k]
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def _flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", mtl.available())
+def test_gradient_is_weighted_sum_and_accumulates(name):
+    model, x, y, group = _problem()
+    method = mtl.create(name, num_tasks=K)
+    reference = _explicit_task_grads(model, x, y, group)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    for step in range(3):  # several steps: stateful methods (dwa, nash, famo) move
+        before = _flat_grad(model).clone()
+        weights = method.backward(_losses(model, x, y, group), model.parameters())
+        assert weights.shape == (K,) and weights.dtype == torch.float32
+        expected = before + weights.double() @ reference
+        torch.testing.assert_close(_flat_grad(model), expected, rtol=2e-6, atol=1e-9)
+        if name == "famo":
+            with torch.no_grad():
+                method.update(_losses(model, x, y, group) * 0.9)
+
+
+def test_frozen_and_unused_parameters():
+    model, x, y, group = _problem()
+    model[0].bias.requires_grad_(False)
+    unused = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    for name in ["uw", "pcgrad"]:
+        mtl.create(name, num_tasks=K).backward(_losses(model, x, y, group),
+                                               [*model.parameters(), unused])
+        assert model[0].bias.grad is None and unused.grad is None
+        assert model[0].weight.grad is not None
+
+
+def test_uncertainty_weighting_closed_form():
+    model, x, y, group = _problem()
+    uw = mtl.create("uw", num_tasks=K).double()
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.3, -0.2, 0.0]))
+    losses = _losses(model, x, y, group)
+    weights = uw.backward(losses, model.parameters())
+    s = uw.log_vars.detach()
+    torch.testing.assert_close(weights.double(), 0.5 * torch.exp(-s) / K, rtol=1e-6, atol=0)
+    torch.testing.assert_close(uw.log_vars.grad, 0.5 * (1 - torch.exp(-s) * losses.detach() / K))
+    (group_,) = uw.param_groups()
+    assert group_["lr"] == 0.025 and group_["weight_decay"] == 0.0
+
+
+def test_famo_weights_and_update_match_paper():
+    losses = torch.tensor([0.5, 1.5, 0.2], dtype=torch.float64, requires_grad=True)
+    famo = mtl.create("famo", num_tasks=K, lr=0.1, weight_decay=0.01)
+    logits_ref = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([logits_ref], lr=0.1, weight_decay=0.01)
+    current = losses.detach()
+    for step in range(4):
+        x = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        weights = famo.backward(losses * x, [x])
+        z = torch.softmax(logits_ref.detach(), 0)
+        d = current + 1e-8
+        expected = (z / d) / (z / d).sum()
+        torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
+        new = current * torch.tensor([0.9, 0.99, 1.05], dtype=torch.float64)
+        famo.update(new)
+        delta = torch.log(d) - torch.log(new + 1e-8)
+        optimiser.zero_grad()
+        torch.softmax(logits_ref, 0).backward(delta)  # J_softmaxᵀ δ by autograd
+        optimiser.step()
+        torch.testing.assert_close(famo.logits, logits_ref.detach(), rtol=1e-10, atol=1e-12)
+        current = new
+        losses = new.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="before backward"):
+        famo.update(current)
+
+
+def test_dwa_uses_loss_ratios():
+    dwa = mtl.create("dwa", num_tasks=K, temperature=2.0)
+    history = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 2.0, 3.3]),
+               torch.tensor([0.4, 1.0, 3.0])]
+    x = torch.nn.Parameter(torch.ones(()))
+    for i, loss in enumerate(history):
+        w = dwa.backward(loss * x, [x])
+        if i < 2:
+            torch.testing.assert_close(w, torch.full((K,), 1 / K))
+    ratio = history[1] / history[0]
+    torch.testing.assert_close(w, torch.softmax(ratio / 2.0, 0))
+
+
+def test_rlw_is_random_softmax_and_seeded():
+    a, b = (mtl.create("rlw", num_tasks=K, seed=4) for _ in range(2))
+    x = torch.nn.Parameter(torch.ones(()))
+    wa = [a.backward(torch.ones(K) * x, [x]) for _ in range(2)]
+    wb = b.backward(torch.ones(K) * x, [x])
+    assert torch.equal(wa[0], wb) and not torch.equal(wa[0], wa[1])
+    assert math.isclose(float(wa[1].sum()), 1.0, rel_tol=1e-6) and bool((wa[1] > 0).all())
+
+
+def test_gradnorm_weight_gradient():
+    model, x, y, group = _problem()
+    gn = mtl.create("gradnorm", num_tasks=K, alpha=1.5).double()
+    with torch.no_grad():
+        gn.task_weights.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    losses = _losses(model, x, y, group)
+    weights = gn.backward(losses, model.parameters())
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * K / 6
+    torch.testing.assert_close(weights.double(), w / K, rtol=1e-6, atol=0)
+    layer = list(model.parameters())[-1]
+    norms = torch.stack([torch.autograd.grad(_losses(model, x, y, group)[k], layer)[0].norm()
+                         for k in range(K)])
+    target = (w * norms).mean()  # first call: every loss ratio is 1
+    torch.testing.assert_close(gn.task_weights.grad, torch.sign(w * norms - target) * norms)
+
+
+def test_nash_solution_is_the_bargaining_point():
+    rng = np.random.default_rng(0)
+    for k in [1, 2, 5, 32]:
+        grads = rng.normal(size=(k, 3 * k + 2)) * rng.uniform(0.1, 10, size=(k, 1))
+        gram = grads @ grads.T
+        alpha = solvers.nash_mtl_weights(gram)
+        assert np.all(alpha > 0)
+        np.testing.assert_allclose(gram @ alpha, 1 / alpha, rtol=1e-7)
+        np.testing.assert_allclose(solvers.nash_mtl_weights(4.0 * gram), alpha / 2, rtol=1e-7)
+
+
+def test_nash_failures_are_loud():
+    g = np.array([[1.0, 2.0], [-1.0, -2.0]])
+    with pytest.raises(solvers.NashMTLSolveError):
+        solvers.nash_mtl_weights(g @ g.T)
+    g = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 3.0]])  # a task with zero gradient
+    alpha = solvers.nash_mtl_weights(g @ g.T)
+    np.testing.assert_allclose(alpha, [1.0, 0.0, 1 / 3])
+
+
+def test_nash_update_every_and_max_norm():
+    model, x, y, group = _problem()
+    nash = mtl.create("nashmtl", num_tasks=K, update_weights_every=3, max_norm=0.01)
+    ref = _explicit_task_grads(model, x, y, group)
+    w0 = nash.backward(_losses(model, x, y, group), model.parameters())
+    assert float((w0.double() @ ref).norm()) <= 0.01 * (1 + 1e-5)
+    model.zero_grad()
+    w1 = nash.backward(_losses(model, x, y, group), model.parameters())
+    torch.testing.assert_close(w1, w0)  # same batch, cached alpha, same clipping
+    torch.testing.assert_close(_flat_grad(model), w1.double() @ ref, rtol=1e-5, atol=1e-9)
+
+
+def _simplex_grid(k, steps):
+    for idx in itertools.product(range(steps + 1), repeat=k - 1):
+        if sum(idx) <= steps:
+            yield np.array([*idx, steps - sum(idx)], dtype=np.float64) / steps
+
+
+def test_mgda_min_norm():
+    rng = np.random.default_rng(1)
+    for k in [2, 3, 6]:
+        grads = rng.normal(size=(k, 4))
+        gram = grads @ grads.T
+        alpha = solvers.mgda_weights(gram)
+        assert abs(alpha.sum() - 1) < 1e-9 and np.all(alpha >= 0)
+        value = alpha @ gram @ alpha
+        assert np.all(gram @ alpha >= value - 1e-6)  # KKT: optimal over all vertices
+        if k <= 3:
+            best = min(a @ gram @ a for a in _simplex_grid(k, 200))
+            assert value <= best + 1e-9
+
+
+def test_cagrad_against_brute_force_and_explicit_vectors():
+    rng = np.random.default_rng(2)
+    grads = rng.normal(size=(3, 6))
+    gram = grads @ grads.T
+    c = 0.5
+    g0 = grads.mean(0)
+    root_phi = c * np.linalg.norm(g0)
+    grid = list(_simplex_grid(3, 300))
+    values = [w @ grads @ g0 + root_phi * np.linalg.norm(w @ grads) for w in grid]
+    w_best = grid[int(np.argmin(values))]
+    gw = w_best @ grads
+    expected = (g0 + root_phi / np.linalg.norm(gw) * gw) / (1 + c**2)
+    coeffs = solvers.cagrad_coefficients(gram, c=c)
+    np.testing.assert_allclose(coeffs @ grads, expected, atol=5e-3)
+
+
+def test_imtlg_equal_projections():
+    rng = np.random.default_rng(3)
+    grads = rng.normal(size=(4, 9))
+    coeffs = solvers.imtlg_coefficients(grads @ grads.T)
+    update = coeffs @ grads
+    units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
+    np.testing.assert_allclose(units @ update, np.full(4, (units @ update)[0]), rtol=1e-9)
+    assert abs(coeffs.sum() - 1) < 1e-12
+
+
+def test_aligned_mtl_against_svd():
+    rng = np.random.default_rng(4)
+    grads = rng.normal(size=(4, 10))
+    u, s, vt = np.linalg.svd(grads.T, full_matrices=False)  # task matrix (P, K) = U S Vᵀ
+    expected = s.min() * u @ vt @ np.full(4, 0.25)
+    np.testing.assert_allclose(solvers.aligned_mtl_coefficients(grads @ grads.T) @ grads,
+                               expected, rtol=1e-9, atol=1e-12)
+
+
+def _explicit_pcgrad(grads, rng):
+    out = []
+    for i in range(len(grads)):
+        g = grads[i].copy()
+        for j in rng.permutation(len(grads)):
+            dot = g @ grads[j]
+            if dot < 0:
+                g = g - dot / (grads[j] @ grads[j]) * grads[j]
+        out.append(g)
+    return np.mean(out, axis=0)
+
+
+def test_pcgrad_gramian_matches_explicit_vectors():
+    rng = np.random.default_rng(5)
+    for k in [2, 3, 5]:
+        grads = rng.normal(size=(k, 7))
+        coeffs = solvers.pcgrad_coefficients(grads @ grads.T, np.random.default_rng(k))
+        expected = _explicit_pcgrad(grads, np.random.default_rng(k))
+        np.testing.assert_allclose(coeffs @ grads, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["uw", "famo", "gradnorm", "pcgrad", "nashmtl", "mgda",
+                                  "nashmtl/chunked"])
+def test_grad_scaler(name):
+    model, x, y, group = _problem()
+
+    def make():
+        if name.endswith("/chunked"):
+            return mtl.create("nashmtl", num_tasks=K, engine=mtl.AutogradEngine(chunk_numel=30))
+        return mtl.create(name, num_tasks=K)
+
+    plain = make()
+    w_plain = plain.backward(_losses(model, x, y, group), model.parameters())
+    g_plain = _flat_grad(model).clone()
+    model.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    scaled = make()
+    w_scaled = scaled.backward(_losses(model, x, y, group), model.parameters(), grad_scaler=scaler)
+    torch.testing.assert_close(w_scaled, w_plain)
+    torch.testing.assert_close(_flat_grad(model), g_plain * 2.0**14)
+
+
+def test_non_finite_gradients_with_scaler_give_nan_weights():
+    x = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+    losses = torch.stack([x * float("inf"), x])
+    scaler = torch.amp.GradScaler("cpu")
+    w = mtl.create("pcgrad", num_tasks=2).backward(losses, [x], grad_scaler=scaler)
+    assert torch.isnan(w).all() and not torch.isfinite(x.grad)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="name"):
+        mtl.create("nope", num_tasks=2)
+    with pytest.raises(ValueError, match="num_tasks"):
+        mtl.create("ew", num_tasks=0)
+    with pytest.raises(TypeError, match="num_tasks"):
+        mtl.create("ew", num_tasks=2.0)
+    x = torch.nn.Parameter(torch.ones(()))
+    method = mtl.create("uw", num_tasks=2)
+    with pytest.raises(ValueError, match="losses"):
+        method.backward(torch.ones(3) * x, [x])
+    with pytest.raises(ValueError, match="shared_parameters"):
+        method.backward(torch.ones(2) * x, [])
+    with pytest.raises(ValueError, match="task_counts"):
+        method.backward(torch.ones(2) * x, [x], task_counts=torch.ones(3))
+    with pytest.raises(ValueError, match="update_weights_every"):
+        mtl.create("nashmtl", num_tasks=2, update_weights_every=0)
+    with pytest.raises(ValueError, match="engine"):
+        mtl.create("pcgrad", num_tasks=2, engine="fast")
+    with pytest.raises(ValueError, match="gramian"):
+        solvers.mgda_weights(np.ones((2, 3)))
+
+
+def test_autocast_bfloat16_one_backward_close_to_float32():
+    """Under CPU autocast (bf16 activations) both engines give the fp32 result up to bf16 error."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
+                                torch.nn.Linear(16, 4))
+    x, y = torch.randn(10, 8), torch.randn(10, 4)
+    group = torch.arange(10) // 4
+
+    def run(autocast, engine):
+        model.zero_grad()
+        method = mtl.create("nashmtl", num_tasks=3, engine=engine, max_norm=None)
+        recorder = engine.record() if not isinstance(engine, str) else torch.enable_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), recorder:
+            per_sample = (model(x).float() - y).pow(2).mean(1)
+        losses = torch.stack([per_sample[group == k].mean() for k in range(3)])
+        method.backward(losses, model.parameters(), group=group,
+                        grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+        return torch.cat([p.grad.flatten() for p in model.parameters()]) / 1024.0
+
+    reference = run(False, "autograd")
+    for engine in ["autograd", mtl.OneBackwardEngine(model)]:
+        got = run(True, engine)
+        assert torch.isfinite(got).all()
+        assert float((got - reference).norm() / reference.norm()) < 0.05
+
+
+def test_example_trains():
+    import importlib.util
+    import pathlib
+
+    import ant_core
+    if not hasattr(ant_core, "interval_clustering"):
+        pytest.skip("ant_core.interval_clustering not available yet")
+    path = pathlib.Path(__file__).parents[1] / "examples" / "ant_in_your_loop.py"
+    spec = importlib.util.spec_from_file_location("ant_in_your_loop", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: extra threads only add contention
+    try:
+        for method, engine in [("uw", "autograd"), ("nashmtl", "one-backward")]:
+            head, tail = example.train(method, engine, steps=80, batch=40)
+            assert tail < 0.8 * head
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl"])
+def test_chunked_autograd_engine_matches_full(name):
+    model, x, y, group = _problem(seed=7)
+    results = []
+    for engine in [mtl.AutogradEngine(), mtl.AutogradEngine(chunk_numel=20)]:
+        model.zero_grad()
+        method = mtl.create(name, num_tasks=K, engine=engine)
+        weights = method.backward(_losses(model, x, y, group), model.parameters())
+        results.append((weights, _flat_grad(model).clone()))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-10)
+    assert len(list(mtl.AutogradEngine(chunk_numel=20).chunks(list(model.parameters())))) > 1
+    with pytest.raises(ValueError, match="chunk_numel"):
+        mtl.AutogradEngine(chunk_numel=0)
+
+
+def test_nash_on_failure_warn_reuses_previous_weights():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    nash = mtl.create("nashmtl", num_tasks=2, on_failure="warn", max_norm=None)
+    good = nash.backward(torch.stack([p[0] ** 2, p[1] ** 2]), [p])
+    with pytest.warns(RuntimeWarning, match="reusing"):
+        again = nash.backward(torch.stack([p.sum(), -p.sum()]), [p])  # g_1 = -g_2: unbounded
+    torch.testing.assert_close(again, good)
+    strict = mtl.create("nashmtl", num_tasks=2)
+    with pytest.raises(mtl.NashMTLSolveError):
+        strict.backward(torch.stack([p.sum(), -p.sum()]), [p])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(2, 6), st.integers(0, 10_000), st.floats(0.01, 100.0))
+def test_solver_properties(num_tasks, seed, scale):
+    """Permutation equivariance for all solvers; Nash α ∝ 1/√scale; MGDA, IMTL-G, PCGrad (same
+    random orders) and Aligned-MTL are invariant to a common rescaling of the gradients."""
+    rng = np.random.default_rng(seed)
+    grads = rng.normal(size=(num_tasks, num_tasks + 3))
+    gram = grads @ grads.T
+    perm = rng.permutation(num_tasks)
+    permuted = gram[np.ix_(perm, perm)]
+    for solve in [solvers.nash_mtl_weights, solvers.mgda_weights, solvers.imtlg_coefficients,
+                  solvers.aligned_mtl_coefficients, solvers.cagrad_coefficients]:
+        np.testing.assert_allclose(solve(permuted), solve(gram)[perm], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(solvers.nash_mtl_weights(scale * gram),
+                               solvers.nash_mtl_weights(gram) / np.sqrt(scale), rtol=1e-7)
+    for solve in [solvers.mgda_weights, solvers.imtlg_coefficients]:
+        np.testing.assert_allclose(solve(scale * gram), solve(gram), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(solvers.aligned_mtl_coefficients(scale * gram),
+                               solvers.aligned_mtl_coefficients(gram), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        solvers.pcgrad_coefficients(scale * gram, np.random.default_rng(seed)),
+        solvers.pcgrad_coefficients(gram, np.random.default_rng(seed)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_nash_cached_steps_clip_and_accumulate(prefill):
+    """Steps that reuse α: one backward, clipped to max_norm, added to any existing .grad."""
+    model, x, y, group = _problem(seed=3)
+    reference = _explicit_task_grads(model, x, y, group)
+    nash = mtl.create("nashmtl", num_tasks=K, update_weights_every=4, max_norm=0.05)
+    for step in range(4):
+        model.zero_grad()
+        if prefill:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+        before = _flat_grad(model).clone() if prefill else 0.0
+        weights = nash.backward(_losses(model, x, y, group), model.parameters())
+        combined = weights.double() @ reference
+        assert float(combined.norm()) <= 0.05 * (1 + 1e-5)
+        torch.testing.assert_close(_flat_grad(model), before + combined, rtol=1e-5, atol=1e-9)

@@ -1,0 +1,58 @@
+"""Per-sample diffusion weightings against their closed forms."""
+import pytest
+import torch
+
+from ant_core.weighting import ContinuousUncertainty, min_snr_weight, p2_weight
+
+SNR = torch.tensor([0.0, 0.01, 0.5, 1.0, 4.999, 5.0, 7.0, 1e4], dtype=torch.float64)
+
+
+def test_min_snr_closed_forms():
+    for gamma in [1.0, 5.0]:
+        for target in ["eps", "v", "x0"]:
+            got = min_snr_weight(SNR, gamma=gamma, target=target)
+            for s, w in zip(SNR.tolist(), got.tolist()):
+                m = min(s, gamma)
+                expected = {"eps": (m / s) if s > 0 else 1.0, "v": m / (s + 1), "x0": m}[target]
+                assert w == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_p2_closed_form():
+    for k, gamma in [(1.0, 1.0), (0.5, 0.5), (1.0, 0.0)]:
+        got = p2_weight(SNR, k=k, gamma=gamma)
+        expected = torch.tensor([1 / (k + s) ** gamma for s in SNR.tolist()], dtype=torch.float64)
+        torch.testing.assert_close(got, expected)
+
+
+def test_continuous_uncertainty_form_and_optimum():
+    torch.manual_seed(0)
+    cu = ContinuousUncertainty(num_features=16, hidden=8).double()
+    log_snr = torch.linspace(-6, 6, 5, dtype=torch.float64)
+    loss = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(cu(loss, log_snr), loss)  # u starts at 0
+    with torch.no_grad():
+        cu.net[-1].bias.fill_(0.7)
+    u = cu.log_variance(log_snr)
+    torch.testing.assert_close(cu(loss, log_snr), loss * torch.exp(-u) + u)
+    # trained on a fixed loss per noise level, e^{-u} converges to 1 / loss
+    optimiser = torch.optim.Adam(cu.parameters(), lr=0.05)
+    for _ in range(600):
+        optimiser.zero_grad()
+        cu(loss, log_snr).mean().backward()
+        optimiser.step()
+    torch.testing.assert_close(cu.log_variance(log_snr), loss.log(), atol=0.05, rtol=0)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="snr"):
+        min_snr_weight(torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="snr"):
+        p2_weight(torch.ones(2, 2))
+    with pytest.raises(TypeError, match="snr"):
+        min_snr_weight([1.0])
+    with pytest.raises(ValueError, match="target"):
+        min_snr_weight(SNR, target="score")
+    with pytest.raises(ValueError, match="gamma"):
+        min_snr_weight(SNR, gamma=0)
+    with pytest.raises(ValueError, match="log_snr"):
+        ContinuousUncertainty()(torch.ones(2), torch.tensor([float("nan"), 0.0]))
