@@ -48,18 +48,6 @@ def data(batch, generator):
     return x + 0.05 * torch.randn(batch, 2, generator=generator)
 
 
-def grouped_loss_fn():
-    """``ant_core.grouped_mse`` (fused op), or its pure-torch twin when the op is unavailable."""
-    try:
-        loss = ant_core.grouped_mse
-        loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), 1)
-        return loss
-    except (ImportError, AttributeError, RuntimeError) as error:
-        print(f"note: fused grouped_mse unavailable ({error}); using reference_grouped_mse")
-        from ant_core.losses import reference_grouped_mse
-        return reference_grouped_mse
-
-
 def train(method_name="uw", engine_name="autograd", steps=300, batch=100, k=5, seed=0):
     """Train the toy denoiser with ANT; returns (first, last) mean training loss."""
     torch.manual_seed(seed)
@@ -71,7 +59,7 @@ def train(method_name="uw", engine_name="autograd", steps=300, batch=100, k=5, s
     # --- ANT: clusters -> sampler -> grouped loss -> MTL method ------------------------------
     clusters = ant_core.interval_clustering(k=k, objective="log_snr", schedule="linear", T=T)
     sampler = StratifiedSampler(clusters, seed=seed)
-    grouped_mse = grouped_loss_fn()
+    grouped_mse = ant_core.grouped_mse
     engine = mtl.OneBackwardEngine(model) if engine_name == "one-backward" else "autograd"
     hparams = {"engine": engine} if method_name in ("pcgrad", "nashmtl", "mgda", "cagrad",
                                                     "imtlg", "alignedmtl") else {}
