@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "grouped_mse": "ant_core.losses",
     "reference_grouped_mse": "ant_core.losses",
+    "check_groups": "ant_core.losses",
     "mtl": "ant_core.mtl",
     "sampling": "ant_core.sampling",
     "weighting": "ant_core.weighting",
