@@ -1,8 +1,10 @@
 """Fused grouped MSE: the per-group mean losses of a batch in one pass over pred and target.
 
 The C++/CUDA kernels are the torch ops ``torch.ops.ant_core.grouped_mse`` and
-``torch.ops.ant_core.grouped_mse_backward`` (see csrc/ops/library.cpp for their schemas). This
-module registers their fake (meta) kernels and the autograd formula, and provides the public
+``torch.ops.ant_core.grouped_mse_backward`` (see csrc/ops/library.cpp for their schemas); the
+autograd formula is a C++ kernel too (csrc/ops/grouped_mse_autograd.cpp: the Python autograd
+path cost more host time per step than the kernels take on a GPU). This module registers the
+fake (meta) kernels used by torch.compile and FakeTensor tracing, and provides the public
 function :func:`grouped_mse`, the pure-torch :func:`reference_grouped_mse` (same semantics; the
 reference for tests and a fallback users may call explicitly) and :func:`check_groups`.
 """
@@ -15,6 +17,9 @@ from ._extension import torch_ops
 __all__ = ["grouped_mse", "reference_grouped_mse", "check_groups"]
 
 _ops = torch_ops()
+# The OpOverloads themselves: calling them skips the overload resolution of the packet.
+_grouped_mse_op = _ops.grouped_mse.default
+_grouped_mse_backward_op = _ops.grouped_mse_backward.default
 _FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -86,50 +91,6 @@ def _grouped_mse_backward_fake(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd: pred and target through the fused backward op; weight with tiny (B,)-sized ops.
-# ---------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    pred, target, groups, num_groups, weight = inputs
-    _, sample_mse, group_count = output
-    ctx.num_groups = num_groups
-    # Unused outputs get None instead of a materialized zero tensor (one fill kernel less).
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(pred, target, groups, group_count, weight, sample_mse)
-
-
-def _backward(ctx, grad_group, grad_sample, _grad_count):
-    pred, target, groups, group_count, weight, sample_mse = ctx.saved_tensors
-    need_pred, need_target, _, _, need_weight = ctx.needs_input_grad
-    grad_pred = grad_target = grad_weight = None
-    if grad_group is None and grad_sample is None:
-        return None, None, None, None, None
-    if grad_group is None:  # only the per-sample losses were used
-        grad_group = sample_mse.new_zeros((ctx.num_groups,))
-    if need_pred or need_target:
-        grad_pred, grad_target = _ops.grouped_mse_backward(
-            grad_group, grad_sample, pred, target, groups, group_count, weight, need_target
-        )
-        grad_pred = grad_pred if need_pred else None
-        grad_target = grad_target if need_target else None
-    if need_weight:
-        # d L_k / d w_i = [g_i = k] * sample_mse_i / count_k. Ids outside [0, K) (possible only on
-        # CUDA, where the forward poisons the losses with NaN) get a NaN gradient, read nowhere.
-        num_groups = ctx.num_groups
-        valid = (groups >= 0) & (groups < num_groups)
-        safe = groups.clamp(0, num_groups - 1)
-        per_group = grad_group / group_count.clamp_min(1).to(grad_group.dtype)
-        grad_weight = per_group.index_select(0, safe) * sample_mse
-        grad_weight = torch.where(valid, grad_weight, torch.full_like(grad_weight, float("nan")))
-        grad_weight = grad_weight.to(weight.dtype)
-    return grad_pred, grad_target, None, None, grad_weight
-
-
-torch.library.register_autograd(
-    "ant_core::grouped_mse", _backward, setup_context=_setup_context
-)
-
-
-# ---------------------------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------------------------
 def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sample=False):
@@ -175,7 +136,7 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
     path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing with
     plain torch ops.
     """
-    group_loss, sample_mse, _ = _ops.grouped_mse(pred, target, groups, num_groups, weight)
+    group_loss, sample_mse, _ = _grouped_mse_op(pred, target, groups, num_groups, weight)
     if not return_per_sample:
         return group_loss
     per_sample = sample_mse if weight is None else sample_mse * weight.to(sample_mse.dtype)

@@ -263,7 +263,10 @@ def test_every_16_bit_value_is_read_exactly(device, dtype):
     groups = torch.zeros(values.shape[0], dtype=torch.long, device=device)
     _, per_sample = grouped_mse(values, target, groups, 1, return_per_sample=True)
     expected = values.double().square().mean(dim=1).float()
-    torch.testing.assert_close(per_sample, expected, rtol=1e-7, atol=0)
+    # CPU sums the 16 values in separate fp32 lanes (exact here); a CUDA thread sums several
+    # in one fp32 accumulator, which may round the last bit (still far below a misread value).
+    rtol = 1e-7 if device == "cpu" else 2e-6
+    torch.testing.assert_close(per_sample, expected, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
