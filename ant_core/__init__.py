@@ -19,6 +19,12 @@ _LAZY = {
     "sampling": "ant_core.sampling",
     "weighting": "ant_core.weighting",
     "diffusion": "ant_core.diffusion",
+    "models": "ant_core.models",
+    "data": "ant_core.data",
+    "metrics": "ant_core.metrics",
+    "TrainConfig": "ant_core.trainer",
+    "Trainer": "ant_core.trainer",
+    "train": "ant_core.trainer",
 }
 
 __all__ = [

@@ -80,7 +80,7 @@ def check_against_brute(result, interval_cost, T, k, exact_ties, min_size=1, max
 # ----------------------------------------------------------------------------- cost matrices
 
 
-@pytest.mark.parametrize("T", range(1, 10))
+@pytest.mark.parametrize("T", range(1, 13))
 def test_integer_cost_matrix_matches_brute_force_with_ties(T):
     rng = np.random.default_rng(T)
     for trial in range(3):

@@ -1,0 +1,132 @@
+"""Training checkpoints: atomic writes, keep-last-N, safe loading, and RNG state capture.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python values (dict, list,
+str, int, float, bool, None), so it loads with ``torch.load(..., weights_only=True)``: no code is
+unpickled. Writes go to a temporary file in the same folder, are flushed to disk, then renamed
+over the target with ``os.replace`` (atomic on POSIX), so a crash never leaves a half-written
+checkpoint and never destroys the previous one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "list_checkpoints",
+           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "capture_rng_state",
+           "restore_rng_state", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, corrupt or not an ant-core checkpoint."""
+
+
+def checkpoint_path(directory, step: int) -> Path:
+    """``directory/ckpt_<step, 8 digits>.pt``."""
+    return Path(directory) / f"ckpt_{int(step):08d}.pt"
+
+
+def atomic_save(obj, path) -> Path:
+    """``torch.save`` to ``path`` atomically (tmp file in the same folder + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load an ant-core checkpoint with ``weights_only=True``; CheckpointError when it is absent,
+    unreadable, corrupt or not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable "
+                              f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != "ant-core-checkpoint":
+        raise CheckpointError(f"{path} is not an ant-core training checkpoint")
+    if state.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}, "
+                              f"this ant-core reads version {FORMAT_VERSION}")
+    return state
+
+
+def list_checkpoints(directory) -> list:
+    """Checkpoint files ``ckpt_<step>.pt`` in ``directory``, sorted by step (oldest first)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory):
+    """The newest checkpoint in ``directory`` or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory, keep: int) -> list:
+    """Delete all but the ``keep`` newest checkpoints (keep <= 0: delete nothing)."""
+    if keep <= 0:
+        return []
+    old = list_checkpoints(directory)[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict:
+    """torch (CPU and every CUDA device), numpy-global and python ``random`` states as tensors
+    and plain Python values (loadable with weights_only=True)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "gauss": float(np_gauss)},
+        "python": {"version": int(py_version), "state": list(py_state),
+                   "gauss": None if py_gauss is None else float(py_gauss)},
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore what :func:`capture_rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        states = state["cuda"][:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in states])

@@ -1,0 +1,207 @@
+"""TrainConfig: every setting of a training run, validated, from defaults, a JSON/YAML file and
+command-line flags (in that order of precedence, last wins)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import mtl
+from .diffusion import PREDICTIONS
+from .schedules import SCHEDULES
+
+OBJECTIVES = ("timestep", "snr", "log_snr", "affinity", "affinity_medoid", "affinity_average")
+GRADIENT_METHODS = ("pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl")
+#: config fields that may differ when resuming a run
+RESUME_MUTABLE = ("steps", "out", "log_every", "save_every", "keep_last", "sample_every",
+                  "num_samples", "sample_steps", "progress", "device")
+_CHOICES = {
+    "prediction": PREDICTIONS, "schedule": tuple(sorted(SCHEDULES)), "objective": OBJECTIVES,
+    "sampler": ("stratified", "uniform"), "weighting": ("none", "min_snr", "p2"),
+    "engine": ("autograd", "one-backward", "one-backward-lean"),
+    "amp": ("none", "bf16", "fp16"),
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is made of; see ``ant train --help`` for each field."""
+
+    # data
+    data: str = "shapes"               # "shapes", "digits", an image folder or a .npy/.npz file
+    num_images: int = 2000             # built-in shapes: number of training images
+    image_size: int = 16               # built-in data / image folders: side in pixels
+    data_seed: int = 0
+    class_conditional: bool = False
+    # model
+    model: str = "dit-tiny"            # a preset (unet-tiny, dit-tiny, ...) or "unet" / "dit"
+    model_config: dict = field(default_factory=dict)
+    # diffusion
+    schedule: str = "linear"
+    T: int = 1000
+    prediction: str = "eps"
+    # clustering (ANT)
+    objective: str = "log_snr"
+    k: int = 5
+    affinity: str | None = None        # T x T .npy for the affinity objectives
+    sampler: str = "stratified"
+    # loss
+    weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    # multi-task method
+    method: str = "uw"                 # "vanilla" or any ant_core.mtl.available() name
+    method_config: dict = field(default_factory=dict)
+    engine: str = "autograd"           # per-task gradients of gradient methods
+    uw_lr: float = 0.025               # learning rate of the method's own parameters (UW)
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 32               # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0             # max gradient norm of the model; 0 disables
+    ema_decay: float = 0.999
+    amp: str = "none"
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    # output
+    out: str = "runs/ant"
+    log_every: int = 10
+    save_every: int = 0                # 0: only at the end (and on SIGTERM)
+    keep_last: int = 3
+    sample_every: int = 0              # 0: only at the end
+    num_samples: int = 16
+    sample_steps: int = 50             # DDIM steps for the sample grids
+    progress: bool = True
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict; unknown keys and wrongly typed values raise ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a mapping of field names, got "
+                             f"{type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(names)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "TrainConfig":
+        """Read a .json (always) or .yaml/.yml (needs PyYAML) file; ``overrides`` win."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml); "
+                                 "or use a .json config") from None
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        else:
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field names")
+        return cls.from_dict({**values, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        """Check every field; ValueError naming the field on the first bad one."""
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if default is dataclasses.MISSING:
+                default = f.default_factory()
+            if default is None:
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{f.name} must be a string path or null, got {value!r}")
+                continue
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value)
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise ValueError(f"{f.name} must be a {type(default).__name__}"
+                                 f"{' (finite)' if isinstance(default, float) else ''}, "
+                                 f"got {value!r}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got "
+                                 f"{getattr(self, name)!r}")
+        methods = ["vanilla", *mtl.available()]
+        if self.method.lower().replace("-", "").replace("_", "") not in methods:
+            raise ValueError(f"method must be one of {methods}, got {self.method!r}")
+        for name, low in (("num_images", 1), ("image_size", 4), ("T", 2), ("k", 1),
+                          ("steps", 1), ("batch_size", 1), ("num_samples", 1),
+                          ("sample_steps", 1), ("log_every", 1), ("data_seed", 0),
+                          ("seed", 0), ("warmup_steps", 0), ("save_every", 0),
+                          ("keep_last", 0), ("sample_every", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.k > self.T:
+            raise ValueError(f"k must be <= T, got k={self.k} > T={self.T}")
+        if self.sample_steps > self.T:
+            raise ValueError(f"sample_steps must be <= T={self.T}, got {self.sample_steps}")
+        for name in ("lr", "uw_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "p2_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_snr_gamma", "p2_k"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.objective.startswith("affinity") != (self.affinity is not None):
+            raise ValueError("affinity (a T x T .npy file) must be given exactly when objective "
+                             f"is an affinity objective (objective={self.objective!r})")
+        if self.engine != "autograd" and self.method_key not in GRADIENT_METHODS:
+            raise ValueError(f"engine={self.engine!r} applies to the gradient methods "
+                             f"{list(GRADIENT_METHODS)} only, not method={self.method!r}")
+        if self.compile and self.engine != "autograd":
+            raise ValueError("compile=True works with engine='autograd' only (the one-backward "
+                             "engine hooks the eager modules)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @property
+    def method_key(self) -> str:
+        return self.method.lower().replace("-", "").replace("_", "")
+
+    @property
+    def num_clusters(self) -> int:
+        return 1 if self.method_key == "vanilla" else self.k

@@ -1,0 +1,540 @@
+"""The pure-PyTorch diffusion training loop with ANT built in.
+
+One :class:`TrainConfig` (from CLI flags or a JSON/YAML file) and one loop (:class:`Trainer`)::
+
+    clusters = interval_clustering(k, objective)            # K timestep intervals
+    t, group = sampler.sample(B)                             # stratified (or uniform) t
+    losses   = grouped_mse(model(x_t, t), target, group, K, weight=per_sample_weight)
+    weights  = method.backward(losses, model.parameters())   # UW / PCGrad / Nash-MTL / ...
+    clip, optimizer.step(), FAMO's update(), EMA update
+
+Everything a run needs to continue exactly lives in its checkpoints (see
+:mod:`ant_core.checkpoint`); ``method="vanilla"`` (or ``k=1``) is plain diffusion training.
+DDP: run under ``torchrun``; the MTL methods all-reduce the gradients themselves, so the bare
+model is used, its parameters broadcast from rank 0 once.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from . import mtl
+from .clustering import IntervalClusters, interval_clustering
+from .diffusion import GaussianDiffusion
+from .sampling import StratifiedSampler, UniformSampler
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "EMA", "train", "RESUME_MUTABLE",
+           "build_model", "GRADIENT_METHODS"]
+
+from .train_config import GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError
+
+
+def build_dataset(config: TrainConfig):
+    """The training dataset of ``config`` (ValueError for a missing path)."""
+    from .data import get_dataset
+
+    name = config.data
+    if name.lower() == "shapes":
+        return get_dataset("shapes", num_images=config.num_images, image_size=config.image_size,
+                           seed=config.data_seed)
+    if name.lower() == "digits" or Path(name).is_dir():
+        return get_dataset(name, image_size=config.image_size)
+    if not Path(name).exists():
+        raise ValueError(f"data={name!r} is not 'shapes', 'digits' or an existing path")
+    return get_dataset(name)
+
+
+def build_model(kind: str, config: dict):
+    from .models import create_model
+
+    return create_model(kind, **config)
+
+
+def build_clusters(config: TrainConfig) -> IntervalClusters:
+    if config.num_clusters == 1:
+        return IntervalClusters.uniform(config.T, 1)
+    kwargs = {}
+    if config.affinity is not None:
+        try:
+            kwargs["affinity"] = np.load(config.affinity, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"affinity: could not read {config.affinity}: {exc}") from None
+    else:
+        kwargs["schedule"] = config.schedule
+    return interval_clustering(config.k, config.objective, T=config.T, **kwargs)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied), updated every step
+    with decay ``min(decay, (1 + n) / (10 + n))`` after n updates."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = float(decay)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.num_updates += 1
+        n = self.num_updates
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
+
+
+def _method_extra_state(method) -> dict:
+    """Random streams some methods keep outside their state_dict (PCGrad, RLW)."""
+    extra = {}
+    rng = getattr(method, "rng", None)
+    if isinstance(rng, np.random.Generator):
+        extra["numpy_rng"] = rng.bit_generator.state
+    gen = getattr(method, "generator", None)
+    if isinstance(gen, torch.Generator):
+        extra["torch_generator"] = gen.get_state()
+    return extra
+
+
+def _load_method_extra_state(method, extra: dict) -> None:
+    if "numpy_rng" in extra:
+        method.rng.bit_generator.state = extra["numpy_rng"]
+    if "torch_generator" in extra:
+        method.generator.set_state(extra["torch_generator"])
+
+
+
+def _distributed_setup(device_pref: str):
+    """(rank, world_size, local_rank, device, created_group) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_pref == "auto":
+        use_cuda = torch.cuda.is_available()
+    else:
+        use_cuda = device_pref.startswith("cuda")
+        if use_cuda and not torch.cuda.is_available():
+            raise ValueError(f"device={device_pref!r} but CUDA is not available")
+    created = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+        created = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if use_cuda:
+        index = local_rank if world > 1 or device_pref in ("auto", "cuda") else \
+            torch.device(device_pref).index or 0
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, created
+
+
+class Trainer:
+    """One training run: ``Trainer(config, resume=None).train()``.
+
+    ``resume``: None (fresh run), True (the newest checkpoint in ``<out>/checkpoints``) or a
+    checkpoint path. A resumed run must use the checkpoint's config except for the fields in
+    :data:`RESUME_MUTABLE` (ValueError otherwise). Nothing is written before the data, model
+    and checkpoint have been loaded successfully.
+    """
+
+    def __init__(self, config: TrainConfig, resume=None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = cfg = config.validate()
+        self.out = Path(cfg.out)
+        self.checkpoint_dir = self.out / "checkpoints"
+        resume_state = self._load_resume(resume)
+        if resume_state is None and ckpt.list_checkpoints(self.checkpoint_dir):
+            raise ValueError(f"out={cfg.out!r} already holds checkpoints of a run; resume it "
+                             "(resume=True / --resume) or choose another out folder")
+        self.dataset = build_dataset(cfg)
+        self.rank, self.world_size, self.device, self._created_group = \
+            _distributed_setup(cfg.device)
+        self.is_main = self.rank == 0
+        self.clusters = build_clusters(cfg)
+        self.K = self.clusters.k
+        self.diffusion = GaussianDiffusion(cfg.schedule, cfg.T, cfg.prediction)
+
+        torch.manual_seed(cfg.seed)
+        num_classes = self.dataset.num_classes if cfg.class_conditional else None
+        if cfg.class_conditional and not num_classes:
+            raise ValueError(f"class_conditional=True but data={cfg.data!r} has no labels")
+        self.model_config = {"image_size": self.dataset.image_size,
+                             "in_channels": self.dataset.channels, "num_classes": num_classes,
+                             **cfg.model_config}
+        self.model = build_model(cfg.model, self.model_config).to(self.device)
+        if self.world_size > 1:  # the MTL methods all-reduce gradients: bare model, same init
+            with torch.no_grad():
+                for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                    dist.broadcast(tensor.data, 0)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.engine = None
+        hparams = dict(cfg.method_config)
+        if cfg.method_key in GRADIENT_METHODS and cfg.engine != "autograd":
+            self.engine = mtl.OneBackwardEngine(self.model,
+                                                low_memory=cfg.engine == "one-backward-lean")
+            hparams["engine"] = self.engine
+        name = "ew" if cfg.method_key == "vanilla" else cfg.method_key
+        try:
+            self.method = mtl.create(name, num_tasks=self.K, **hparams).to(self.device)
+        except TypeError as exc:
+            raise ValueError(f"method_config {cfg.method_config} does not fit method "
+                             f"{cfg.method!r}: {exc}") from None
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.lr,
+              "weight_decay": cfg.weight_decay},
+             *self.method.param_groups(lr=cfg.uw_lr, weight_decay=0.0)])
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+
+        sampler_cls = UniformSampler if (cfg.sampler == "uniform" or cfg.method_key == "vanilla") \
+            else StratifiedSampler
+        self.sampler = sampler_cls(self.clusters, seed=cfg.seed, rank=self.rank,
+                                   world_size=self.world_size)
+        from .data import make_loader
+
+        self.loader = make_loader(self.dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                  world_size=self.world_size, device=self.device)
+        state = np.random.SeedSequence([cfg.seed, self.rank, 7]).generate_state(2, np.uint32)
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(
+            int(state[0]) << 31 ^ int(state[1]))
+        self.step = 0
+        self.last_samples = None
+        self.last_checkpoint = None
+        self._stop_signal = None
+        if resume_state is not None:
+            try:
+                self._restore(resume_state)
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {resume_state['_path']} does not fit this run "
+                    f"({type(exc).__name__}: {exc})") from None
+
+    # ------------------------------------------------------------------ resume
+    def _load_resume(self, resume):
+        if resume is None or resume is False:
+            return None
+        path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume is True else Path(resume)
+        if path is None:
+            raise ValueError(f"resume: no checkpoint in {self.checkpoint_dir}")
+        state = ckpt.load_checkpoint(path)
+        saved = state["config"]
+        changed = sorted(k for k, v in self.config.to_dict().items()
+                         if k not in RESUME_MUTABLE and _jsonable(saved.get(k)) != _jsonable(v))
+        if changed:
+            raise ValueError(f"resume: config field(s) {changed} differ from the checkpoint "
+                             f"{path} (only {list(RESUME_MUTABLE)} may change)")
+        if state["step"] >= self.config.steps:
+            raise ValueError(f"resume: checkpoint {path} is at step {state['step']}; "
+                             f"steps={self.config.steps} leaves nothing to do")
+        state["_path"] = str(path)
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        _load_method_extra_state(self.method, state["method_extra"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        ranks = state["rank_states"]
+        if len(ranks) == self.world_size:
+            mine = ranks[self.rank]
+            self.sampler.load_state_dict(mine["sampler"])
+            self.loader.load_state_dict(mine["loader"])
+            self.noise_generator.set_state(mine["noise_generator"].to(
+                self.noise_generator.get_state().device))
+            ckpt.restore_rng_state(mine["rng"])
+        elif self.is_main:
+            print(f"ant train: resuming {len(ranks)}-process state on {self.world_size} "
+                  "processes: data order and noise streams restart (model and optimizer exact)")
+        self.last_checkpoint = Path(state["_path"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rank_state(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "loader": self.loader.state_dict(),
+                "noise_generator": self.noise_generator.get_state().cpu(),
+                "rng": ckpt.capture_rng_state()}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``<out>/checkpoints/ckpt_<step>.pt`` (rank 0; every rank's streams gathered)."""
+        mine = self._rank_state()
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        path = None
+        if self.is_main:
+            state = {
+                "format": "ant-core-checkpoint", "version": ckpt.FORMAT_VERSION,
+                "step": self.step, "config": _jsonable(self.config.to_dict()),
+                "clusters": _jsonable(self.clusters.to_dict()),
+                "model_kind": self.config.model, "model_config": _jsonable(self.model_config),
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "method_extra": _method_extra_state(self.method),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "world_size": self.world_size, "rank_states": ranks,
+            }
+            path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.checkpoint_dir, self.step))
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
+            self.last_checkpoint = path
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def per_sample_weight(self, t: torch.Tensor):
+        cfg = self.config
+        if cfg.weighting == "none":
+            return None
+        from .weighting import min_snr_weight, p2_weight
+
+        snr = self.diffusion.snr(t)
+        if cfg.weighting == "min_snr":
+            return min_snr_weight(snr, cfg.min_snr_gamma, cfg.prediction)
+        return p2_weight(snr, cfg.p2_k, cfg.p2_gamma)
+
+    def compute_losses(self, x_t, t, y, target, group, weight):
+        """The K per-cluster losses (float32) of one batch."""
+        from .losses import grouped_mse
+
+        with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            pred = self.forward(x_t, t, y)
+        return grouped_mse(pred, target, group, self.K, weight=weight)
+
+    def _lr_factor(self) -> float:
+        warm = self.config.warmup_steps
+        return min(1.0, (self.step + 1) / warm) if warm else 1.0
+
+    def train_step(self) -> dict:
+        """One optimisation step; returns the union-batch statistics of the step."""
+        cfg = self.config
+        x0, labels = next(self.loader)
+        y = labels if cfg.class_conditional else None
+        t, group = self.sampler.sample(x0.shape[0], device=self.device)
+        noise = torch.randn(x0.shape, generator=self.noise_generator, device=self.device)
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        target = self.diffusion.target(x0, noise, t)
+        weight = self.per_sample_weight(t)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * self._lr_factor()
+        self.optimizer.zero_grad(set_to_none=True)
+        recording = self.engine.record() if self.engine is not None else _null_context()
+        with recording:
+            losses = self.compute_losses(x_t, t, y, target, group, weight)
+        stats = self._reduce_stats(losses.detach(), group)
+        if not math.isfinite(stats["loss"]) or not all(map(math.isfinite, stats["cluster_losses"])):
+            if self.engine is not None:
+                self.engine.discard()
+            kept = self.last_checkpoint or "none (no checkpoint was written yet)"
+            raise TrainingError(
+                f"non-finite loss at step {self.step + 1}: loss={stats['loss']}, per-cluster "
+                f"losses {stats['cluster_losses']}; training stopped before the update and "
+                f"nothing was saved. Last good checkpoint: {kept}")
+        try:
+            weights = self.method.backward(losses, self.model.parameters(), group=group,
+                                           grad_scaler=self.scaler)
+        except mtl.NashMTLSolveError as exc:
+            raise TrainingError(
+                f"{cfg.method} failed at step {self.step + 1}: {exc}. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}") from exc
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if cfg.method_key == "famo":  # FAMO: losses after the step, same batch
+            with torch.no_grad():
+                self.method.update(self.compute_losses(x_t, t, y, target, group, weight),
+                                   group=group)
+        self.ema.update(self.model)
+        self.step += 1
+        stats["weights"] = [float(w) for w in weights.detach().cpu()]
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def _reduce_stats(self, losses, group) -> dict:
+        """Union-batch per-cluster losses and mean loss (one all-reduce of 2K + 2 numbers, which
+        also carries the stop flag so every rank stops together)."""
+        counts = torch.bincount(group, minlength=self.K).to(torch.float64)
+        stop = 1.0 if self._stop_signal is not None else 0.0
+        packed = torch.cat([losses.double() * counts, counts,
+                            torch.tensor([stop], dtype=torch.float64, device=counts.device),
+                            torch.zeros(1, dtype=torch.float64, device=counts.device)])
+        if self.world_size > 1:
+            dist.all_reduce(packed)
+        sums, n = packed[:self.K], packed[self.K:2 * self.K]
+        cluster = torch.where(n > 0, sums / n.clamp_min(1), torch.zeros_like(n))
+        if self.world_size > 1 and packed[2 * self.K] > 0 and self._stop_signal is None:
+            self._stop_signal = "SIGTERM (from another rank)"
+        return {"loss": float(sums.sum() / n.sum()), "cluster_losses": cluster.tolist()}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, num: int, steps: int, seed: int = 0) -> torch.Tensor:
+        """``num`` images from the EMA model with DDIM (``steps`` steps), in [-1, 1]."""
+        ds = self.dataset
+        shape = (num, ds.channels, ds.image_size, ds.image_size)
+        y = None
+        if self.config.class_conditional:
+            y = torch.arange(num, device=self.device) % ds.num_classes
+        return self.diffusion.sample_ddim(self.ema.model, shape, steps=steps, seed=seed, y=y,
+                                          device=self.device).clamp(-1, 1)
+
+    def _write_samples(self, name: str) -> Path:
+        from .visualize import save_image_grid
+
+        images = self.sample(self.config.num_samples, self.config.sample_steps)
+        self.last_samples = images.cpu()
+        return save_image_grid(self.last_samples, self.out / name)
+
+    # ------------------------------------------------------------------ the loop
+    def _handle_signal(self, signum, frame):
+        self._stop_signal = signal.Signals(signum).name
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _prepare_output(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(_jsonable(self.config.to_dict()),
+                                                         indent=2))
+        (self.out / "clusters.json").write_text(json.dumps(self.clusters.to_dict(), indent=2))
+        log = self.out / "metrics.jsonl"
+        if self.step == 0:
+            log.write_text("")
+        elif log.exists():  # drop records beyond the resumed step
+            from .visualize import read_metrics
+
+            keep = [r for r in read_metrics(log) if r.get("step", 0) <= self.step]
+            log.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def train(self) -> dict:
+        """Run to ``config.steps`` (or a SIGTERM/SIGINT: checkpoint, then return). Returns
+        ``{"step", "stopped_by", "checkpoint", "out", "loss", "files"}``."""
+        cfg = self.config
+        if self.is_main:
+            self._prepare_output()
+        if self.world_size > 1:
+            dist.barrier()
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._handle_signal)
+        bar = None
+        if self.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"ant train ({cfg.method})",
+                       dynamic_ncols=True)
+        start, last = time.perf_counter(), {}
+        try:
+            while self.step < cfg.steps:
+                last = self.train_step()
+                if self.is_main:
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self._log({"step": self.step, **last,
+                                   "time": round(time.perf_counter() - start, 4)})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(_postfix(last), refresh=False)
+                if self._stop_signal is not None:
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                if (cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main
+                        and self.step < cfg.steps):
+                    self._write_samples(f"samples/step_{self.step:08d}.png")
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        path = self.save_checkpoint()
+        files = {}
+        if self.is_main:
+            files["checkpoint"] = str(path)
+            files["metrics"] = str(self.out / "metrics.jsonl")
+            if self._stop_signal is None:
+                files["samples"] = str(self._write_samples("samples.png"))
+                from .visualize import plot_training_curves
+
+                files.update({k: str(v) for k, v in
+                              plot_training_curves(self.out / "metrics.jsonl", self.out).items()})
+        if self.world_size > 1:
+            dist.barrier()
+        return {"step": self.step, "stopped_by": self._stop_signal, "checkpoint": str(path),
+                "out": str(self.out), "loss": last.get("loss"), "files": files}
+
+    def close(self) -> None:
+        """Remove engine hooks; destroy the process group if this trainer created it."""
+        if self.engine is not None:
+            self.engine.remove()
+        if self._created_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._created_group = False
+
+
+def train(config: TrainConfig, resume=None) -> dict:
+    """``Trainer(config, resume).train()``, closing the trainer afterwards."""
+    trainer = Trainer(config, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _postfix(stats: dict) -> str:
+    losses = " ".join(f"{v:.3g}" for v in stats["cluster_losses"])
+    weights = " ".join(f"{v:.3g}" for v in stats["weights"])
+    return f"loss={stats['loss']:.4g} L_k=[{losses}] w=[{weights}]"
+
+
+def _jsonable(value):
+    """Tuples -> lists recursively (so configs compare and serialise the same everywhere)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

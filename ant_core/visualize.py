@@ -1,0 +1,165 @@
+"""Pictures of a training run: sample grids as PNG and training curves.
+
+PNG files are written with Pillow when it is installed, else by a small built-in writer (zlib +
+the PNG chunk format), so a grid can always be saved with only torch and numpy. The curve plots
+need matplotlib and are skipped (return None) without it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["image_grid", "write_png", "save_image_grid", "read_metrics", "plot_training_curves",
+           "has_matplotlib"]
+
+
+def image_grid(images, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] (tensor or array) into one uint8 (H', W', C) array
+    (C = 1 or 3), ``nrow`` images per row (default ~sqrt(N)), ``padding`` white pixels between;
+    ``scale`` enlarges every image by pixel repetition first."""
+    if hasattr(images, "detach"):
+        images = images.detach().float().cpu().numpy()
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got {images.shape}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    if scale > 1:
+        images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {c}")
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    pixels = np.round((np.clip(np.nan_to_num(images), -1, 1) + 1) * 127.5).astype(np.uint8)
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255,
+                   dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y0:y0 + h, x0:x0 + w] = pixels[i].transpose(1, 2, 0)
+    return grid
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W), (H, W, 1) or (H, W, 3) array as PNG (no filter, zlib level 6)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    height, width = array.shape[:2]
+    color_type = 0 if array.ndim == 2 else 2
+    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(array))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND", b""))
+
+
+def write_png(path, array: np.ndarray, use_pillow: bool = True) -> Path:
+    """Write a uint8 image array (H, W[, 1|3]) to ``path`` atomically (tmp file + os.replace)."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+            array.ndim == 3 and array.shape[2] not in (1, 3)):
+        raise ValueError(f"array must be uint8 (H, W), (H, W, 1) or (H, W, 3), got "
+                         f"{array.dtype} {array.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = None
+    if use_pillow:
+        try:
+            import io
+
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1
+                            else array).save(buffer, format="PNG")
+            data = buffer.getvalue()
+        except ImportError:
+            data = None
+    if data is None:
+        data = _png_bytes(array)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def save_image_grid(images, path, nrow: int | None = None, scale: int | None = None) -> Path:
+    """``write_png(path, image_grid(images, nrow, scale=scale))``; ``scale`` defaults to
+    enlarging images smaller than 64 pixels to about 64 (for viewing)."""
+    if scale is None:
+        scale = max(1, 64 // int(np.shape(images)[-1]))
+    return write_png(path, image_grid(images, nrow, scale=scale))
+
+
+def read_metrics(path) -> list:
+    """The records of a JSONL metrics log (blank or truncated lines skipped)."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot_training_curves(metrics_path, out_dir) -> dict:
+    """From a metrics JSONL log write ``cluster_losses.png`` (per-cluster loss over steps) and
+    ``task_weights.png`` (MTL task weights over steps) into ``out_dir``. Returns
+    ``{name: path}``; empty without matplotlib or without records."""
+    records = [r for r in read_metrics(metrics_path) if "cluster_losses" in r]
+    if not records or not has_matplotlib():
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in records])
+    out_dir = Path(out_dir)
+    written = {}
+    for key, name, ylabel, log in (("cluster_losses", "cluster_losses.png", "loss", True),
+                                   ("weights", "task_weights.png", "task weight", True)):
+        values = np.array([r[key] for r in records], dtype=np.float64)
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for k in range(values.shape[1]):
+            ax.plot(steps, values[:, k], lw=1.2, label=f"cluster {k}")
+        if key == "cluster_losses" and "loss" in records[0]:
+            ax.plot(steps, [r["loss"] for r in records], color="k", lw=1.5, ls="--",
+                    label="mean")
+        if log and np.all(values > 0) and values.max() > 20 * values.min():
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title("per-cluster training loss" if key == "cluster_losses"
+                     else "MTL task weights")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[key] = path
+    return written

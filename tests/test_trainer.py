@@ -1,0 +1,355 @@
+"""The training loop (ant_core.trainer): optimisation, exact resume, DDP, failure handling."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from ant_core import checkpoint as ckpt
+from ant_core import interval_clustering
+from ant_core.data import ProceduralShapes
+from ant_core.losses import reference_grouped_mse
+from ant_core.trainer import EMA, TrainConfig, Trainer, TrainingError, train
+from ant_core.visualize import image_grid, read_metrics, write_png
+from ant_core.weighting import min_snr_weight
+
+TINY_DIT = {"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are fastest on one thread (and the test machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(tmp_path, name="run", **overrides):
+    values = dict(data="shapes", num_images=24, image_size=8, model="dit", model_config=TINY_DIT,
+                  T=50, k=3, steps=4, batch_size=6, lr=1e-3, out=str(tmp_path / name),
+                  num_samples=4, sample_steps=2, log_every=1, progress=False, ema_decay=0.9)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def test_overfits_a_fixed_batch(tmp_path):
+    image = ProceduralShapes(1, 8, seed=3).images.numpy()
+    np.save(tmp_path / "one.npy", np.repeat(image, 4, axis=0))  # the batch is always the same
+    cfg = tiny(tmp_path, data=str(tmp_path / "one.npy"), batch_size=4, prediction="x0",
+               steps=120, lr=3e-3)
+    result = train(cfg)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 121))
+    first = np.mean([r["loss"] for r in records[:5]])
+    last = np.mean([r["loss"] for r in records[-5:]])
+    assert first / last >= 10, (first, last)
+    assert result["step"] == 120 and os.path.exists(result["checkpoint"])
+
+
+def test_losses_match_an_independent_reference(tmp_path):
+    """compute_losses == per-sample mean squared error x Min-SNR weight, averaged per cluster."""
+    trainer = Trainer(tiny(tmp_path, weighting="min_snr", prediction="v", k=4))
+    x0, _ = next(trainer.loader)
+    t, group = trainer.sampler.sample(x0.shape[0])
+    noise = torch.randn(x0.shape)
+    x_t = trainer.diffusion.q_sample(x0, t, noise)
+    target = trainer.diffusion.target(x0, noise, t)
+    weight = trainer.per_sample_weight(t)
+    got = trainer.compute_losses(x_t, t, None, target, group, weight)
+    with torch.no_grad():
+        pred = trainer.model(x_t, t)
+    snr = trainer.diffusion.alphas_cumprod[t] / (1 - trainer.diffusion.alphas_cumprod[t])
+    w = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+    per_sample = ((pred - target).double() ** 2).mean(dim=(1, 2, 3)) * w
+    want = torch.stack([per_sample[group == k].mean() if (group == k).any()
+                        else torch.zeros((), dtype=torch.float64) for k in range(4)])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight, min_snr_weight(trainer.diffusion.snr(t), 5.0, "v"))
+    assert torch.allclose(got, reference_grouped_mse(pred, target, group, 4, weight=weight))
+    trainer.close()
+
+
+def test_vanilla_warmup_and_logged_fields(tmp_path):
+    cfg = tiny(tmp_path, method="vanilla", warmup_steps=4, steps=5, lr=2e-3)
+    train(cfg)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for r in records:
+        assert set(r) >= {"step", "loss", "cluster_losses", "weights", "lr", "time"}
+        assert len(r["cluster_losses"]) == 1 and r["weights"] == [1.0]
+        assert r["loss"] == pytest.approx(r["cluster_losses"][0])
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3])
+    clusters = json.loads((tmp_path / "run" / "clusters.json").read_text())
+    assert clusters["bounds"] == [[0, 50]]
+
+
+def test_method_wiring_uw_group_famo_update_and_ema(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "uw", uw_lr=0.025, weight_decay=0.01))
+    uw_group = trainer.optimizer.param_groups[1]
+    assert uw_group["lr"] == 0.025 and uw_group["weight_decay"] == 0.0
+    assert uw_group["params"] == [trainer.method.log_vars]
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    trainer.train()
+    trainer.close()
+    assert trainer.ema.num_updates == 4 and not torch.all(trainer.method.log_vars == 0)
+
+    famo = Trainer(tiny(tmp_path, "famo", method="famo", steps=3))
+    famo.train()
+    famo.close()
+    assert int(famo.method.adam_step) == 3 and torch.any(famo.method.logits != 0)
+
+
+def test_ema_matches_the_closed_form():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    values, want = [1.0, -2.0, 3.0], start.clone()
+    for n, value in enumerate(values, start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+        decay = min(0.5, (1 + n) / (10 + n))
+        want = decay * want + (1 - decay) * value
+    torch.testing.assert_close(ema.model.weight, want)
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    train(tiny(tmp_path, steps=2))
+    before = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").read_bytes()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(tiny(tmp_path, steps=5))
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").read_bytes() == before
+
+
+def test_affinity_objective_and_periodic_sample_grids(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((50, 50))
+    np.save(tmp_path / "affinity.npy", (a + a.T) / 2)
+    cfg = tiny(tmp_path, objective="affinity", affinity=str(tmp_path / "affinity.npy"), k=4,
+               steps=5, sample_every=2)
+    train(cfg)
+    got = json.loads((tmp_path / "run" / "clusters.json").read_text())
+    want = interval_clustering(4, "affinity", affinity=(a + a.T) / 2)
+    assert [tuple(b) for b in got["bounds"]] == list(want.bounds)
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert samples == ["step_00000002.png", "step_00000004.png"]
+    assert (tmp_path / "run" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def _flat_state(obj):
+    """Every tensor of a nested state, by path (for exact comparison)."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            out[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = value
+
+    walk("", obj)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(method="uw"),
+    dict(method="pcgrad", sampler="uniform"),
+    dict(method="famo", weighting="p2"),
+    dict(method="rlw", amp="bf16", grad_clip=0.5),
+    dict(method="nashmtl", method_config={"update_weights_every": 2}, engine="one-backward"),
+    dict(method="uw", amp="fp16", weighting="min_snr", warmup_steps=3),
+], ids=["uw", "pcgrad-uniform", "famo-p2", "rlw-bf16-clip", "nash-onebackward", "uw-fp16"])
+def test_resume_is_exact(tmp_path, overrides):
+    whole = train(tiny(tmp_path, "whole", steps=6, **overrides))
+    train(tiny(tmp_path, "split", steps=3, **overrides))
+    resumed = train(tiny(tmp_path, "split", steps=6, **overrides), resume=True)
+    a = ckpt.load_checkpoint(whole["checkpoint"])
+    b = ckpt.load_checkpoint(resumed["checkpoint"])
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "optimizer", "method", "method_extra", "scaler"):
+        fa, fb = _flat_state(a[key]), _flat_state(b[key])
+        assert fa.keys() == fb.keys(), key
+        for name in fa:
+            if isinstance(fa[name], torch.Tensor):
+                torch.testing.assert_close(fa[name], fb[name], rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{key}{name}")
+            else:
+                assert fa[name] == fb[name], f"{key}{name}"
+    # the metrics log of the resumed run continues where the checkpoint stopped
+    steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    losses_a = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    losses_b = [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
+    assert losses_a == losses_b
+
+
+def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):
+    train(tiny(tmp_path, steps=4, save_every=1, keep_last=2))
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        Trainer(tiny(tmp_path, steps=8, lr=5e-3), resume=True)
+    with pytest.raises(ValueError, match="nothing to do"):
+        Trainer(tiny(tmp_path, steps=4), resume=True)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_untouched(tmp_path):
+    train(tiny(tmp_path, steps=2))
+    path = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        Trainer(tiny(tmp_path, steps=4), resume=True)
+    assert path.read_bytes() == b"this is not a checkpoint"
+    assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == [path]
+    torch.save({"model": torch.zeros(1)}, path)  # readable, but not ours
+    with pytest.raises(ckpt.CheckpointError, match="not an ant-core"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"lr": -1.0}, "lr"), ({"steps": 0}, "steps"), ({"steps": "10"}, "steps"),
+    ({"k": 60, "T": 50}, "k"), ({"method": "magic"}, "method"), ({"amp": "fp8"}, "amp"),
+    ({"ema_decay": 1.0}, "ema_decay"), ({"objective": "affinity"}, "affinity"),
+    ({"engine": "one-backward", "method": "uw"}, "engine"), ({"lr": float("nan")}, "lr"),
+    ({"batch_size": True}, "batch_size"), ({"learning_rate": 1.0}, "learning_rate"),
+])
+def test_bad_config_values_name_the_field(values, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig.from_dict(values)
+
+
+def test_config_files(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 7, "method": "pcgrad"}))
+    cfg = TrainConfig.from_file(tmp_path / "c.json", lr=0.5)
+    assert (cfg.steps, cfg.method, cfg.lr, cfg.k) == (7, "pcgrad", 0.5, 5)
+    (tmp_path / "bad.json").write_text("{steps: 7")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="not found"):
+        TrainConfig.from_file(tmp_path / "missing.json")
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"steps": 9, "weighting": "min_snr"}))
+    cfg = TrainConfig.from_file(tmp_path / "c.yaml")
+    assert (cfg.steps, cfg.weighting) == (9, "min_snr")
+
+
+def test_missing_data_path_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="data"):
+        Trainer(tiny(tmp_path, data=str(tmp_path / "nope.npy")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny(tmp_path, steps=10, save_every=2))
+
+    def poison(module, inputs, output):
+        return output * float("nan") if trainer.step >= 3 else output
+
+    trainer.model.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 4.*ckpt_00000002\.pt"):
+        trainer.train()
+    trainer.close()
+    kept = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["ckpt_00000002.pt"]
+    state = ckpt.load_checkpoint(kept[0])
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _ddp_config(root, name, **overrides):
+    values = dict(data="shapes", num_images=24, image_size=8, model="dit", model_config=TINY_DIT,
+                  T=50, k=3, steps=3, batch_size=5, out=os.path.join(root, name),
+                  progress=False, num_samples=2, sample_steps=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _ddp_worker(rank, world, ports, root):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    # 1. the trainer creates (and destroys) the process group from torchrun's variables
+    for method, port in zip(("uw", "pcgrad"), ports):
+        os.environ["MASTER_PORT"] = str(port)
+        trainer = Trainer(_ddp_config(root, method, method=method))
+        trainer.train()
+        torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()},
+                   os.path.join(root, f"{method}_rank{rank}.pt"))
+        trainer.close()
+    # 2. an initialised group is used as is; stop + resume == uninterrupted, under DDP
+    os.environ["MASTER_PORT"] = str(ports[2])
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    train(_ddp_config(root, "whole", steps=4, method="famo"))
+    train(_ddp_config(root, "split", steps=2, method="famo"))
+    train(_ddp_config(root, "split", steps=4, method="famo"), resume=True)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_end_identical(tmp_path):
+    ports = (free_port(), free_port(), free_port())
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
+    whole = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoints" / "ckpt_00000004.pt")
+    split = ckpt.load_checkpoint(tmp_path / "split" / "checkpoints" / "ckpt_00000004.pt")
+    for key in ("model", "ema", "optimizer", "method", "rank_states"):
+        fa, fb = _flat_state(whole[key]), _flat_state(split[key])
+        assert fa.keys() == fb.keys()
+        for name in fa:
+            if isinstance(fa[name], torch.Tensor):
+                torch.testing.assert_close(fa[name], fb[name], rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{key}{name}")
+    for method in ("uw", "pcgrad"):
+        r0 = torch.load(tmp_path / f"{method}_rank0.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"{method}_rank1.pt", weights_only=True)
+        for name in r0:
+            assert torch.equal(r0[name], r1[name]), (method, name)
+        saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / method / "checkpoints"))
+        assert saved["step"] == 3 and saved["world_size"] == 2 and len(saved["rank_states"]) == 2
+        for name in r0:
+            assert torch.equal(saved["model"][name], r0[name])
+        # the two ranks drew different timesteps (sharded streams)
+        s0, s1 = (r["sampler"]["generator"] for r in saved["rank_states"])
+        assert not torch.equal(s0, s1)
+        fresh = Trainer(_ddp_config(str(tmp_path), "fresh"))
+        assert not all(torch.equal(fresh.model.state_dict()[n], r0[n]) for n in r0)
+        fresh.close()
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def test_builtin_png_writer_roundtrips(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    images = torch.linspace(-1, 1, 2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
+    grid = image_grid(images, nrow=2, padding=1)
+    assert grid.shape == (7, 17, 3) and grid.dtype == np.uint8
+    assert grid[1, 1, 0] == 0 and grid[0, 0, 0] == 255  # -1 -> 0, padding white
+    for array in (grid, grid[:, :, :1]):
+        path = write_png(tmp_path / "g.png", array, use_pillow=False)
+        with Image.open(path) as img:
+            back = np.asarray(img)
+        np.testing.assert_array_equal(back.reshape(array.shape), array)
