@@ -33,11 +33,10 @@ from . import mtl
 from .clustering import IntervalClusters, interval_clustering
 from .diffusion import GaussianDiffusion
 from .sampling import StratifiedSampler, UniformSampler
+from .train_config import GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "EMA", "train", "RESUME_MUTABLE",
            "build_model", "GRADIENT_METHODS"]
-
-from .train_config import GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError
 
 
 def build_dataset(config: TrainConfig):
@@ -119,7 +118,6 @@ def _load_method_extra_state(method, extra: dict) -> None:
         method.rng.bit_generator.state = extra["numpy_rng"]
     if "torch_generator" in extra:
         method.generator.set_state(extra["torch_generator"])
-
 
 
 def _distributed_setup(device_pref: str):
