@@ -101,25 +101,6 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
 
-def _method_extra_state(method) -> dict:
-    """Random streams some methods keep outside their state_dict (PCGrad, RLW)."""
-    extra = {}
-    rng = getattr(method, "rng", None)
-    if isinstance(rng, np.random.Generator):
-        extra["numpy_rng"] = rng.bit_generator.state
-    gen = getattr(method, "generator", None)
-    if isinstance(gen, torch.Generator):
-        extra["torch_generator"] = gen.get_state()
-    return extra
-
-
-def _load_method_extra_state(method, extra: dict) -> None:
-    if "numpy_rng" in extra:
-        method.rng.bit_generator.state = extra["numpy_rng"]
-    if "torch_generator" in extra:
-        method.generator.set_state(extra["torch_generator"])
-
-
 def _distributed_setup(device_pref: str):
     """(rank, world_size, local_rank, device, created_group) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -256,7 +237,6 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
-        _load_method_extra_state(self.method, state["method_extra"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -296,7 +276,6 @@ class Trainer:
                 "model_kind": self.config.model, "model_config": _jsonable(self.model_config),
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "method_extra": _method_extra_state(self.method),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "world_size": self.world_size, "rank_states": ranks,
             }

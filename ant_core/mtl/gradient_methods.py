@@ -159,6 +159,13 @@ class PCGrad(_GradientMethod):
     def _solve(self, gramian):
         return gradient_solvers.pcgrad_coefficients(gramian, self.rng)
 
+    def get_extra_state(self):
+        """The projection-order generator's state, so state_dict() resumes exactly."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_extra_state(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
 
 @register("mgda")
 class MGDA(_GradientMethod):

@@ -117,6 +117,13 @@ class RandomLossWeighting(_LossWeighting):
         z = torch.randn(self.num_tasks, generator=self.generator, dtype=torch.float64)
         return torch.softmax(z, dim=0).to(global_losses.device)
 
+    def get_extra_state(self):
+        """The generator's state, so state_dict() resumes exactly."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["generator"])
+
 
 @register("gradnorm")
 class GradNorm(_LossWeighting):
