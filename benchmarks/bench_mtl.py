@@ -89,7 +89,8 @@ def make_step(model, method, engine, batch, famo_reevaluate=True):
     x = torch.randn(batch, 3, 16, 16)
     target = torch.randn_like(x)
     group = (torch.arange(batch) % K).sort().values
-    t = group * 200 + torch.randint(0, 200, (batch,))
+    width = 1000 // K  # K equal timestep intervals of [0, 1000)
+    t = group * width + torch.randint(0, width, (batch,))
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def step():
@@ -169,13 +170,18 @@ def run(steps, batch, quick):
 
 
 def main():
+    global K
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer methods and steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
     parser.add_argument("--batch", type=int, default=40, help="batch size")
+    parser.add_argument("--k", type=int, default=K, help="number of clusters (tasks)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 keeps ratios stable on a shared machine)")
     args = parser.parse_args()
+    if not 1 <= args.k <= args.batch:
+        parser.error(f"--k must be in [1, --batch], got {args.k}")
+    K = args.k
     torch.set_num_threads(args.threads)
     run(args.steps or (6 if args.quick else 20), args.batch, args.quick)
 
