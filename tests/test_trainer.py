@@ -110,6 +110,25 @@ def test_method_wiring_uw_group_famo_update_and_ema(tmp_path):
     assert int(famo.method.adam_step) == 3 and torch.any(famo.method.logits != 0)
 
 
+def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
+    """compile=True runs the model through torch.compile (here with the aot_eager backend, so no
+    C++ toolchain or long inductor compile is involved) and follows the eager run's losses."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **kwargs):
+        calls.append(model)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    eager = train(tiny(tmp_path, "eager", steps=3))
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    compiled = train(tiny(tmp_path, "compiled", steps=3, compile=True))
+    assert len(calls) == 1 and compiled["step"] == eager["step"] == 3
+    a = [r["loss"] for r in read_metrics(tmp_path / "eager" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "compiled" / "metrics.jsonl")]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_ema_matches_the_closed_form():
     model = torch.nn.Linear(2, 1)
     ema = EMA(model, decay=0.5)
