@@ -22,6 +22,8 @@ _LAZY = {
     "models": "ant_core.models",
     "data": "ant_core.data",
     "metrics": "ant_core.metrics",
+    "affinity": "ant_core.affinity",
+    "estimate_affinity": "ant_core.affinity",
     "TrainConfig": "ant_core.trainer",
     "Trainer": "ant_core.trainer",
     "train": "ant_core.trainer",

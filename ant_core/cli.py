@@ -4,6 +4,7 @@
     ant train   [--config FILE.json|yaml] [--out DIR] [--resume [CKPT]] [--<field> VALUE ...]
     ant sample  CHECKPOINT|RUN_DIR [--sampler ddim|ddpm] [--steps 50] [--num 16] [--seed 0]
     ant demo    [--out DIR] [--steps N] [--quick]
+    ant affinity RUN_DIR|CKPT... [--M 100] [--d 4096] [--batches 4] [--out F.npy] [--plot F]
 
 `ant cluster` does not import torch; the other subcommands import it inside their functions.
 """
@@ -468,6 +469,86 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- ant affinity
+
+
+def _affinity_parser(sub):
+    p = sub.add_parser(
+        "affinity", help="estimate the gradient task affinity (TAS) between timesteps",
+        description="Estimate ANT's T x T gradient task affinity (cosine of the loss gradients "
+        "at two timesteps) from the checkpoints of a run (EMA weights, averaged over the "
+        "checkpoints) on a grid of M timesteps, with each gradient compressed by a CountSketch "
+        "of dimension d. Writes FILE.npy (T x T) and FILE.json (metadata); use it with "
+        "`ant train --objective affinity --affinity FILE.npy`.")
+    p.add_argument("checkpoints", nargs="+", help="run folder(s) (all their checkpoints) or "
+                   "checkpoint file(s)")
+    p.add_argument("--M", type=int, default=100, help="timestep grid size (default 100, <= T)")
+    p.add_argument("--d", type=int, default=4096, help="sketch dimension (default 4096)")
+    p.add_argument("--exact", action="store_true", help="keep full gradients (small models)")
+    p.add_argument("--batches", type=int, default=4, help="batches per timestep (default 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--timesteps", default="center", choices=("center", "random"),
+                   help="one timestep per bin: its middle (default) or random per batch")
+    p.add_argument("--interpolation", default="constant", choices=("constant", "linear"))
+    p.add_argument("--last", type=int, default=None, help="use only the N newest checkpoints")
+    p.add_argument("--no-ema", action="store_true", help="use the raw model weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--out", metavar="FILE.npy", help="output (default <run>/affinity.npy)")
+    p.add_argument("--plot", metavar="FILE.png", help="heatmap over timestep and log-SNR "
+                   "(needs matplotlib)")
+    p.add_argument("--k", type=int, default=5, help="intervals outlined on the plot (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_affinity)
+
+
+def _cmd_affinity(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .affinity import _checkpoint_files, estimate_affinity, plot_affinity
+    from .checkpoint import load_checkpoint
+    from .train_config import TrainConfig
+    from .trainer import build_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = [f for c in args.checkpoints for f in _checkpoint_files(c)]
+    if args.last is not None:
+        if args.last < 1:
+            raise ValueError(f"--last must be >= 1, got {args.last}")
+        files = files[-args.last:]
+    config = TrainConfig.from_dict(load_checkpoint(files[-1])["config"])
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else args.device
+    result = estimate_affinity(
+        files, build_dataset(config), M=args.M, d=args.d, exact=args.exact,
+        batches=args.batches, batch_size=args.batch_size, timesteps=args.timesteps,
+        interpolation=args.interpolation, seed=args.seed, ema=not args.no_ema, device=device,
+        progress=not args.no_progress)
+    first = Path(args.checkpoints[0])
+    run_dir = first if first.is_dir() else (
+        first.resolve().parent.parent if first.parent.name == "checkpoints" else first.parent)
+    out = Path(args.out) if args.out else run_dir / "affinity.npy"
+    npy, side = result.save(out)
+    A = result.matrix
+    off = A[~np.eye(len(A), dtype=bool)]
+    print(f"ant affinity: T={len(A)}, M={result.metadata['M']}, "
+          f"{'exact' if args.exact else f'd={args.d}'}, {len(files)} checkpoint(s), "
+          f"{args.batches} x {args.batch_size} images; off-diagonal mean "
+          f"{off.mean() if off.size else 1.0:.4f} -> {npy}, {side}")
+    if args.plot:
+        k = min(args.k, len(A))
+        clusters = interval_clustering(k, "affinity", affinity=A)
+        log_snr = schedules.get_schedule(config.schedule, config.T).log_snr
+        plot_affinity(A, args.plot, log_snr=log_snr, clusters=clusters,
+                      title=f"task affinity, {config.model}, T={config.T}")
+        print(f"plot written to {args.plot} (k={k}: {list(clusters.bounds)})")
+    return 0
+
+
 def _matplotlib_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -484,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _sample_parser(sub)
     _demo_parser(sub)
+    _affinity_parser(sub)
     return parser
 
 

@@ -1,0 +1,394 @@
+"""Gradient task affinity between denoising tasks (ANT's task affinity score, TAS).
+
+TAS(t1, t2) is the cosine similarity of the loss gradients (w.r.t. the model parameters) at two
+timesteps. :func:`estimate_affinity` estimates it on a grid of M timesteps and returns the T x T
+matrix; memory is O(M d) instead of the reference's O(T P):
+
+* **Grid.** The T timesteps are split into M bins ``[floor(m T / M), floor((m + 1) T / M))``
+  (width T/M; M = T gives one timestep per bin). ``timesteps="center"`` evaluates each bin at
+  its middle timestep ``(lo + hi - 1) // 2``; ``timesteps="random"`` draws, per batch, one t
+  uniformly inside each bin (the estimate is then the affinity of the bins' average tasks).
+* **Sketch.** Each timestep's gradient is compressed on the device as soon as it is produced
+  by a fixed CountSketch of dimension d (:class:`ant_core.sketch.CountSketch`, unbiased inner
+  products, applied per parameter tensor in chunks); the M sketches form one M x d matrix and
+  the cosines come from its Gram matrix. Memory: the M x d sketches, one gradient, and one
+  int32 hash code per parameter (the sketch's cache). ``exact=True`` keeps the full M x P
+  gradients instead (small models, tests).
+* **Averaging.** Per checkpoint, the gradient of each timestep is averaged over the batches
+  (the same images and the same noise for every timestep) and the cosine is taken of these
+  averaged gradients; the cosine matrices are then averaged over the checkpoints. Averaging the
+  gradient before the cosine estimates the cosine between the gradients of the *expected*
+  losses; a mean of per-batch cosines is biased towards 0 by minibatch noise, by an amount that
+  depends on the batch size. Checkpoints are averaged as cosines, as in the paper, because the
+  gradient scale changes by orders of magnitude over training.
+* **Interpolation.** The M x M grid matrix is expanded to T x T piecewise-constant over the bins
+  (``interpolation="constant"``, the default: pairs in one bin get 1) or bilinearly between the
+  bins' timesteps (``"linear"``, the diagonal set to 1). Both keep the matrix symmetric.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .sketch import CountSketch
+
+__all__ = ["estimate_affinity", "AffinityResult", "timestep_grid", "load_models",
+           "diffusion_loss", "expand_grid", "plot_affinity"]
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def timestep_grid(T: int, M: int):
+    """(lo, hi) int64 arrays of the M bins ``[floor(m T / M), floor((m + 1) T / M))``."""
+    T = _check_int("T", T, 1)
+    M = _check_int("M", M, 1)
+    if M > T:
+        raise ValueError(f"M must be <= T={T}, got M={M}")
+    edges = (np.arange(M + 1, dtype=np.int64) * T) // M
+    return edges[:-1], edges[1:]
+
+
+def expand_grid(grid: np.ndarray, T: int, interpolation: str = "constant",
+                centers=None) -> np.ndarray:
+    """The T x T matrix of an M x M grid matrix (see the module docstring)."""
+    M = grid.shape[0]
+    lo, hi = timestep_grid(T, M)
+    if interpolation == "constant":
+        bin_of = np.repeat(np.arange(M), hi - lo)
+        return grid[np.ix_(bin_of, bin_of)].copy()
+    if interpolation != "linear":
+        raise ValueError(f"interpolation must be 'constant' or 'linear', got {interpolation!r}")
+    centers = (lo + hi - 1) / 2.0 if centers is None else np.asarray(centers, dtype=np.float64)
+    W = np.zeros((T, M))
+    for m in range(M):  # column m: the hat function of grid point m
+        e = np.zeros(M)
+        e[m] = 1.0
+        W[:, m] = np.interp(np.arange(T), centers, e)
+    A = W @ grid @ W.T
+    A = (A + A.T) / 2
+    np.fill_diagonal(A, 1.0)
+    return A
+
+
+def diffusion_loss(diffusion):
+    """The default loss: mean squared error of the diffusion's prediction target (eps / v / x0)
+    with the noise given; ``loss(model, x0, t, y, noise)``."""
+    def loss(model, x0, t, y, noise):
+        x_t = diffusion.q_sample(x0, t, noise)
+        out = model(x_t, t) if y is None else model(x_t, t, y)
+        return (out.float() - diffusion.target(x0, noise, t).float()).pow(2).mean()
+    return loss
+
+
+def _checkpoint_files(source) -> list:
+    from .checkpoint import list_checkpoints
+
+    path = Path(source)
+    if path.is_dir():
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if not found:
+            raise ValueError(f"checkpoints: no checkpoint found in {path} or "
+                             f"{path / 'checkpoints'}")
+        return found
+    if not path.is_file():
+        raise ValueError(f"checkpoints: {path} does not exist")
+    return [path]
+
+
+def _load_one(path, ema: bool, device):
+    """(model with grads enabled, checkpoint config) of one checkpoint file."""
+    from .checkpoint import load_checkpoint
+    from .models import create_model
+
+    state = load_checkpoint(path)
+    model = create_model(state["model_kind"], **state["model_config"])
+    model.load_state_dict(state["ema"]["model"] if ema else state["model"])
+    return model.to(device).requires_grad_(True), state["config"]
+
+
+def load_models(sources, ema: bool = True, device="cpu"):
+    """(models, configs, file names) of checkpoint files and/or run folders (every checkpoint
+    of a run folder, oldest first); ``ema`` picks the EMA weights."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    files = [f for s in sources for f in _checkpoint_files(s)]
+    if not files:
+        raise ValueError("checkpoints: no checkpoint given")
+    loaded = [_load_one(f, ema, device) for f in files]
+    return [m for m, _ in loaded], [c for _, c in loaded], [str(f) for f in files]
+
+
+@dataclass
+class AffinityResult:
+    """``matrix`` (T x T), ``grid`` (M x M), the bins' ``timesteps`` (M; -1 for "random") and
+    ``metadata`` (JSON-able)."""
+
+    matrix: np.ndarray
+    grid: np.ndarray
+    timesteps: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    def save(self, path) -> tuple:
+        """Write ``path`` (.npy, the T x T matrix) and its JSON sidecar ``path.json``."""
+        path = Path(path)
+        if path.suffix != ".npy":
+            path = path.with_suffix(path.suffix + ".npy") if path.suffix else \
+                path.with_suffix(".npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, self.matrix.astype(np.float64))
+        side = path.with_suffix(".json")
+        meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps]}
+        side.write_text(json.dumps(meta, indent=2))
+        return path, side
+
+
+def _batches(data, batches, batch_size, seed, device):
+    from .data import make_loader
+
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
+            data, (list, tuple, torch.Tensor)):
+        if len(data) == 0:
+            raise ValueError("data: the dataset is empty")
+        data = make_loader(data, _check_int("batch_size", batch_size, 1), seed=seed)
+    out = []
+    for item in data:
+        if len(out) == batches:
+            break
+        x, y = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError("data: every batch must be a non-empty tensor or (x, y) pair")
+        out.append((x.to(device), None if y is None else torch.as_tensor(y).to(device)))
+    if not out:
+        raise ValueError("data: the loader yielded no batch")
+    if len(out) < batches:
+        raise ValueError(f"data: batches={batches} requested, the loader yielded {len(out)}")
+    return out
+
+
+def _trainable(model, i):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"models[{i}] must be an nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"models[{i}]: the model has no parameters requiring grad")
+    return params
+
+
+def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | None = None,
+                      M: int | None = None, d: int = 4096, exact: bool = False,
+                      batches: int = 1, batch_size: int = 16, timesteps: str = "center",
+                      interpolation: str = "constant", seed: int = 0, ema: bool = True,
+                      model=None, device=None, progress: bool = False) -> AffinityResult:
+    """Estimate the T x T gradient task affinity (see the module docstring for the maths).
+
+    Args:
+        models: an ``nn.Module``, a checkpoint file / run folder (all its checkpoints), or a list
+            of modules, paths or state dicts (state dicts are loaded into ``model``).
+        data: a dataset (``len`` + indexing; batched with ``make_loader``) or an iterable of
+            batches (tensors or ``(x, y)`` pairs). The first ``batches`` batches are used for
+            every timestep and checkpoint.
+        diffusion: a :class:`GaussianDiffusion` for the default loss and for T (from the
+            checkpoint's config when loading checkpoints).
+        loss_fn: ``loss_fn(model, x0, t)`` (``loss_fn(model, x0, t, y)`` when the model has a
+            truthy ``num_classes``: labels are used only then) -> scalar, with ``t`` an int64
+            tensor of shape (B,). Default: the diffusion's MSE with noise fixed per batch (the
+            same for every timestep and checkpoint).
+        T: number of timesteps (default ``diffusion.T``). M: grid size, 1 <= M <= T (default
+            min(T, 100)). d: sketch dimension (ignored with ``exact=True``).
+        ema: use the EMA weights of checkpoints. seed: noise, random timesteps and the sketch.
+    """
+    files, cfg = None, None
+    if isinstance(models, (str, Path)) or (isinstance(models, (list, tuple)) and models
+                                           and all(isinstance(m, (str, Path)) for m in models)):
+        sources = [models] if isinstance(models, (str, Path)) else list(models)
+        files = [f for s in sources for f in _checkpoint_files(s)]
+        first, cfg = _load_one(files[0], ema, device or "cpu")  # checked before any work
+        models = [first] + files[1:]  # the others are loaded one at a time, when used
+        if diffusion is None and loss_fn is None:
+            from .diffusion import GaussianDiffusion
+            diffusion = GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"])
+        if T is None:
+            T = cfg["T"]
+    elif isinstance(models, nn.Module):
+        models = [models]
+    elif isinstance(models, (list, tuple)):
+        resolved = []
+        for i, m in enumerate(models):
+            if isinstance(m, dict):
+                if not isinstance(model, nn.Module):
+                    raise ValueError("model: a template nn.Module is needed for state dicts")
+                import copy
+                m_ = copy.deepcopy(model)
+                m_.load_state_dict(m)
+                m = m_
+            elif not isinstance(m, nn.Module):
+                raise TypeError(f"models[{i}] must be an nn.Module, a state dict or a path "
+                                f"(all paths), got {type(m).__name__}")
+            resolved.append(m)
+        models = resolved
+    else:
+        raise TypeError(f"models must be an nn.Module, a path or a list, got "
+                        f"{type(models).__name__}")
+    if not models:
+        raise ValueError("models: no model or checkpoint given")
+    params0 = _trainable(models[0], 0)
+    if T is None:
+        if diffusion is None:
+            raise ValueError("T: pass T (or a diffusion) when a custom loss_fn is used")
+        T = diffusion.T
+    T = _check_int("T", T, 1)
+    M = min(T, 100) if M is None else M
+    lo, hi = timestep_grid(T, M)
+    d = _check_int("d", d, 1)
+    batches = _check_int("batches", batches, 1)
+    if timesteps not in ("center", "random"):
+        raise ValueError(f"timesteps must be 'center' or 'random', got {timesteps!r}")
+    if loss_fn is None:
+        if diffusion is None:
+            raise ValueError("diffusion: needed for the default loss (or pass loss_fn)")
+        base = diffusion_loss(diffusion)
+    device = torch.device(device) if device is not None else params0[0].device
+    data_batches = _batches(data, batches, batch_size, seed, device)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    noises = [torch.randn(x.shape, generator=gen).to(device, x.dtype) for x, _ in data_batches]
+    centers = (lo + hi - 1) // 2
+    if timesteps == "center":
+        t_of = np.tile(centers, (batches, 1))
+    else:
+        rng = np.random.default_rng([int(seed), 1])
+        t_of = lo + np.floor(rng.random((batches, M)) * (hi - lo)).astype(np.int64)
+
+    total = np.zeros((M, M))
+    iterator = [(c, m) for c in range(len(models)) for m in range(M)]
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc="affinity", leave=False)
+    rows, sketch = None, None
+    for c, m in iterator:
+        if m == 0:
+            mod = models[c]
+            if not isinstance(mod, nn.Module):  # a checkpoint file, loaded when its turn comes
+                mod, _ = _load_one(mod, ema, device)
+            params = _trainable(mod, c)
+            mod.to(device).eval()
+            numel = sum(p.numel() for p in params)
+            if exact:
+                rows = torch.zeros(M, numel, dtype=torch.float32, device=device)
+            else:
+                sketch = CountSketch([p.numel() for p in params], d, seed=seed)
+                rows = torch.zeros(M, d, dtype=torch.float32, device=device)
+        conditional = bool(getattr(mod, "num_classes", None))
+        for b, (x, y) in enumerate(data_batches):
+            y = y if conditional else None
+            t = torch.full((x.shape[0],), int(t_of[b, m]), dtype=torch.long, device=device)
+            if loss_fn is None:
+                loss = base(mod, x, t, y, noises[b])
+            else:
+                loss = loss_fn(mod, x, t) if y is None else loss_fn(mod, x, t, y)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor")
+            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+            if exact:
+                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                  for g, p in zip(grads, params)])
+                rows[m].add_(flat.float(), alpha=1.0 / batches)
+            else:
+                sketch.apply(grads, out=rows[m], scale=1.0 / batches)
+            del grads, loss
+        if m == M - 1:
+            gram = torch.zeros(M, M, dtype=torch.float64, device=rows.device)
+            for start in range(0, rows.shape[1], 1 << 16):  # float64 Gram, chunked over P
+                chunk = rows[:, start:start + (1 << 16)].double()
+                gram += chunk @ chunk.T
+            gram = gram.cpu().numpy()
+            norm = np.sqrt(np.clip(np.diag(gram), 0, None))
+            if np.any(norm == 0):
+                raise ValueError(f"models[{c}]: a timestep's gradient is exactly zero; the "
+                                 "cosine is undefined")
+            cos = gram / np.outer(norm, norm)
+            cos = np.clip((cos + cos.T) / 2, -1.0, 1.0)
+            np.fill_diagonal(cos, 1.0)
+            total += cos
+            rows = None
+            if files is not None:
+                models[c] = files[c]  # drop the loaded model
+    grid = total / len(models)
+    matrix = expand_grid(grid, T, interpolation,
+                         centers=centers if timesteps == "center" else None)
+    meta = {
+        "T": T, "M": M, "d": None if exact else d, "exact": bool(exact), "batches": batches,
+        "batch_size": int(data_batches[0][0].shape[0]), "seed": int(seed),
+        "timesteps": timesteps, "interpolation": interpolation,
+        "num_checkpoints": len(models), "ema": bool(ema),
+        "checkpoints": None if files is None else [str(f) for f in files],
+        "model": type(mod).__name__,
+        "parameters": int(sum(p.numel() for p in params0)),
+        "loss": "custom" if loss_fn is not None else f"mse({diffusion.prediction})",
+        "schedule": None if diffusion is None else diffusion.schedule.name,
+        "averaging": "gradient mean over batches, cosine per checkpoint, mean over checkpoints",
+    }
+    if cfg is not None:
+        meta["model"] = cfg.get("model", meta["model"])
+    ts = centers if timesteps == "center" else np.full(M, -1)
+    return AffinityResult(matrix=matrix, grid=grid, timesteps=ts, metadata=meta)
+
+
+def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
+    """Heatmap of a T x T affinity over timestep (and over log-SNR when given), with the
+    intervals of ``clusters`` (an IntervalClusters) outlined on the diagonal. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+    except ImportError:
+        raise ImportError("plotting needs matplotlib (pip install matplotlib)") from None
+    A = np.asarray(matrix, dtype=np.float64)
+    T = A.shape[0]
+    panels = 1 if log_snr is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
+    ax = axes[0, 0]
+    im = ax.imshow(A, origin="lower", cmap="viridis", vmin=min(A.min(), 0.0), vmax=1.0,
+                   extent=(-0.5, T - 0.5, -0.5, T - 0.5))
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("timestep t")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if clusters is not None:
+        for s, e in clusters.bounds:
+            ax.add_patch(Rectangle((s - 0.5, s - 0.5), e - s, e - s, fill=False, ec="red",
+                                   lw=1.2))
+    if log_snr is not None:
+        ax2 = axes[0, 1]
+        ls = np.asarray(log_snr, dtype=np.float64)
+        if ls.shape != (T,):
+            raise ValueError(f"log_snr must have shape ({T},), got {ls.shape}")
+        mid = (ls[1:] + ls[:-1]) / 2 if T > 1 else ls[:0]
+        first = ls[0] - (mid[0] - ls[0]) if T > 1 else ls[0] - 0.5
+        last = ls[-1] + (ls[-1] - mid[-1]) if T > 1 else ls[0] + 0.5
+        edges = np.concatenate([[first], mid, [last]])  # cell edges of each timestep
+        mesh = ax2.pcolormesh(edges, edges, A, cmap="viridis", vmin=min(A.min(), 0.0),
+                              vmax=1.0, shading="flat")
+        ax2.set_xlabel("log-SNR")
+        ax2.set_ylabel("log-SNR")
+        fig.colorbar(mesh, ax=ax2, fraction=0.046)
+        if clusters is not None:
+            for s, e in clusters.bounds:
+                x0, x1 = sorted((edges[s], edges[e]))
+                ax2.add_patch(Rectangle((x0, x0), x1 - x0, x1 - x0, fill=False, ec="red",
+                                        lw=1.2))
+    fig.suptitle(title or "gradient task affinity (cosine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,109 @@
+"""CountSketch of parameter gradients: a fixed random linear map R^P -> R^d that is applied to
+each parameter tensor in chunks, so no P x d matrix (and no P-sized hash table) ever exists.
+
+Coordinate i of parameter tensor k goes to bucket h_k(i) in [0, d) with sign s_k(i) in {-1, +1};
+``sketch(g)[j] = sum_{i: h(i) = j} s(i) g_i``. Both h and s come from independent 2-universal
+hash functions ``((a * i + b) mod p)`` with p = 2^31 - 1 and (a, b) drawn per tensor from the
+seed, evaluated on the fly from the coordinate index (int64 arithmetic, no table). Signs are
+pairwise independent, so ``<sketch(x), sketch(y)>`` is an unbiased estimate of ``<x, y>`` (up to
+an O(1/p) bias of the sign hash) with variance at most ``2 |x|^2 |y|^2 / d``: cosines of
+sketched gradients are within about ``1/sqrt(d)`` of the exact ones.
+
+With ``cache=True`` (the default) bucket and sign are hashed once and kept as one int32 code per
+coordinate, ``bucket + d * (sign < 0)`` (4 bytes per parameter: the size of one fp32 gradient,
+independent of M and d); a sketch is then a single ``index_add_`` into a 2d buffer per tensor,
+``sketch = buffer[:d] - buffer[d:]``, about 10x faster than hashing again. ``cache=False``
+hashes each chunk on the fly (no per-parameter memory at all).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["CountSketch"]
+
+_PRIME = 2**31 - 1
+
+
+class CountSketch:
+    """A seeded CountSketch for a fixed list of parameter shapes.
+
+    Args:
+        numels: number of elements of each parameter tensor (in the order gradients are given).
+        d: sketch dimension (>= 1).
+        seed: the hash functions' seed; the same seed gives the same map.
+        chunk: coordinates hashed at a time (bounds the temporary memory to a few chunk-sized
+            int64 tensors).
+    """
+
+    def __init__(self, numels, d: int, seed: int = 0, chunk: int = 1 << 20, cache: bool = True):
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+            raise ValueError(f"d must be an int >= 1, got {d!r}")
+        self.numels = [int(n) for n in numels]
+        if any(n >= _PRIME for n in self.numels):
+            raise ValueError("a parameter tensor has more than 2^31 - 2 elements")
+        self.d, self.chunk, self.cache = int(d), int(chunk), bool(cache)
+        if 2 * self.d >= 2**31:
+            raise ValueError(f"d must be < 2^30, got {d}")
+        self._codes = {}
+        rng = np.random.default_rng([int(seed), 0x5CE7C4])
+        # (a_bucket, b_bucket, a_sign, b_sign) per tensor; a in [1, p), b in [0, p)
+        self.coeffs = [(int(rng.integers(1, _PRIME)), int(rng.integers(0, _PRIME)),
+                        int(rng.integers(1, _PRIME)), int(rng.integers(0, _PRIME)))
+                       for _ in self.numels]
+
+    def _hash(self, k: int, start: int, stop: int, device):
+        a1, b1, a2, b2 = self.coeffs[k]
+        i = torch.arange(start, stop, device=device, dtype=torch.int64)
+        bucket = torch.remainder(i * a1 + b1, _PRIME).remainder_(self.d)
+        sign = torch.remainder(i * a2 + b2, _PRIME).bitwise_and_(1).mul_(-2).add_(1)
+        return bucket, sign
+
+    def _code(self, k: int, device) -> torch.Tensor:
+        """int32 codes ``bucket + d * (sign < 0)`` of tensor k (hashed in chunks, cached)."""
+        key = (k, str(device))
+        code = self._codes.get(key)
+        if code is None:
+            code = torch.empty(self.numels[k], dtype=torch.int32, device=device)
+            for start in range(0, self.numels[k], self.chunk):
+                stop = min(start + self.chunk, self.numels[k])
+                bucket, sign = self._hash(k, start, stop, device)
+                code[start:stop] = bucket.add_((sign < 0).long() * self.d)
+            self._codes[key] = code
+        return code
+
+    def apply(self, tensors, out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """``out += scale * sketch(concat(flatten(t) for t in tensors))``; returns ``out``
+        (a new float32 zero vector of length d on the first tensor's device when None).
+        A None entry (a parameter without gradient) counts as zeros."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.numels):
+            raise ValueError(f"expected {len(self.numels)} tensors, got {len(tensors)}")
+        if out is None:
+            device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+            out = torch.zeros(self.d, dtype=torch.float32, device=device)
+        buffer = torch.zeros(2 * self.d, dtype=out.dtype, device=out.device) if self.cache \
+            else out
+        for k, t in enumerate(tensors):
+            if t is None:
+                continue
+            if t.numel() != self.numels[k]:
+                raise ValueError(f"tensor {k} has {t.numel()} elements, expected "
+                                 f"{self.numels[k]}")
+            flat = t.detach().reshape(-1).to(out.device, out.dtype)
+            if self.cache:
+                buffer.index_add_(0, self._code(k, out.device), flat)
+                continue
+            for start in range(0, flat.numel(), self.chunk):
+                stop = min(start + self.chunk, flat.numel())
+                bucket, sign = self._hash(k, start, stop, out.device)
+                values = flat[start:stop] * sign.to(out.dtype)
+                if scale != 1.0:
+                    values = values * scale
+                out.index_add_(0, bucket, values)
+        if self.cache:
+            out.add_(buffer[:self.d] - buffer[self.d:], alpha=scale)
+        return out
+
+    def __repr__(self) -> str:
+        return f"CountSketch(d={self.d}, tensors={len(self.numels)}, P={sum(self.numels)})"
