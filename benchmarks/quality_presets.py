@@ -1,0 +1,100 @@
+"""Presets and configurations of ``benchmarks/quality.py`` (see its docstring for the protocol).
+
+A preset fixes everything that must be equal across configurations: data, model, steps, batch,
+optimiser, evaluation checkpoints, evaluation sampler and sample count, and the affinity
+warm-up. A configuration only changes the loss weighting / clustering / MTL method.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    # data + model (identical for every configuration)
+    num_images: int
+    image_size: int
+    model: str
+    model_config: dict
+    T: int
+    # optimisation (identical for every configuration)
+    eval_steps: tuple          # evaluate at these steps; the last one is the training length
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    grad_clip: float
+    ema_decay: float
+    # evaluation (identical for every configuration)
+    num_eval: int              # generated samples = held-out reference images
+    sample_steps: int          # DDIM steps (eta = 0) of the evaluation sampler
+    # affinity warm-up (vanilla checkpoint at affinity_step, then ant_core.affinity)
+    affinity_step: int
+    affinity_M: int
+    affinity_d: int
+    affinity_batches: int
+    affinity_batch_size: int
+    # ANT
+    k: int = 5
+    default_device: str = "cpu"
+    default_threads: int = 0   # 0: leave torch's default
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return int(self.eval_steps[-1])
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["eval_steps"] = list(self.eval_steps)
+        out["steps"] = self.steps
+        return out
+
+
+PRESETS = {
+    "smoke": Preset(
+        name="smoke", description="seconds; for the test suite only (numbers mean nothing)",
+        num_images=48, image_size=8, model="dit",
+        model_config={"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}, T=100,
+        eval_steps=(2, 4), batch_size=8, lr=2e-3, warmup_steps=2, grad_clip=1.0,
+        ema_decay=0.9, num_eval=16, sample_steps=3,
+        affinity_step=2, affinity_M=10, affinity_d=256, affinity_batches=1,
+        affinity_batch_size=8, default_threads=1),
+    "cpu": Preset(
+        name="cpu", description="about 45 minutes on a 2-core CPU machine (estimate in the "
+        "docstring of quality.py)",
+        num_images=2000, image_size=16, model="dit-tiny", model_config={}, T=1000,
+        eval_steps=(200, 400, 800, 1200), batch_size=64, lr=2e-3, warmup_steps=20,
+        grad_clip=1.0, ema_decay=0.995, num_eval=256, sample_steps=25,
+        affinity_step=200, affinity_M=50, affinity_d=4096, affinity_batches=4,
+        affinity_batch_size=64, default_threads=1),
+    "gpu": Preset(
+        name="gpu", description="designed for about 8 minutes on one H100 (estimated, not "
+        "measured: run it with --device cuda and read the ETA it prints)",
+        num_images=5000, image_size=16, model="dit",
+        model_config={"patch_size": 2, "hidden_size": 192, "depth": 6, "num_heads": 6},
+        T=1000, eval_steps=(250, 500, 1000), batch_size=128, lr=1e-3, warmup_steps=50,
+        grad_clip=1.0, ema_decay=0.998, num_eval=1000, sample_steps=50,
+        affinity_step=250, affinity_M=100, affinity_d=16384, affinity_batches=4,
+        affinity_batch_size=128, default_device="cuda"),
+}
+
+
+#: configuration name -> (label, TrainConfig overrides). Order: vanilla first (it is the
+#: baseline and its early checkpoint seeds the affinity estimate).
+CONFIGS = {
+    "vanilla": ("vanilla (uniform t, eps-MSE)", dict(method="vanilla")),
+    "min_snr": ("Min-SNR-5", dict(method="vanilla", weighting="min_snr", min_snr_gamma=5.0)),
+    "uw_timestep": ("ANT-UW timestep", dict(method="uw", objective="timestep")),
+    "uw_log_snr": ("ANT-UW log-SNR", dict(method="uw", objective="log_snr")),
+    "uw_affinity": ("ANT-UW affinity", dict(method="uw", objective="affinity")),
+    "nashmtl_log_snr": ("ANT-Nash-MTL log-SNR", dict(
+        method="nashmtl", objective="log_snr", method_config={"update_weights_every": 25})),
+    "pcgrad_log_snr": ("ANT-PCGrad log-SNR", dict(method="pcgrad", objective="log_snr")),
+    "famo_log_snr": ("ANT-FAMO log-SNR", dict(method="famo", objective="log_snr")),
+}
+
+#: configurations that are not ANT (no verdict line "ANT-..."; still compared with vanilla)
+BASELINES = ("vanilla", "min_snr")
