@@ -19,12 +19,7 @@ from ant_core.visualize import has_matplotlib
 TINY_DIT = {"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed=0, **overrides):

@@ -25,12 +25,7 @@ TINY = ["--data", "shapes", "--num-images", "24", "--image-size", "8", "--model"
         "--sample-steps", "2", "--log-every", "1", "--no-progress", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args, **kwargs):

@@ -18,13 +18,7 @@ from ant_core.weighting import min_snr_weight
 TINY_DIT = {"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, name="run", **overrides):
