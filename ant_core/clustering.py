@@ -246,12 +246,14 @@ def interval_clustering(
         else:
             series = _series_for(objective, schedule, T)
         kind = "sse" if objective == "sse" else "abs"
-        if kind == "abs" and _monotone_direction(series) == 0:
+        monge_ok = _monotone_direction(series) != 0  # proven Monge on monotone series
+        if kind == "abs" and not monge_ok:
             raise ValueError(f"values must be monotone for objective={objective!r}; "
                              "use objective='sse' or a cost_matrix")
-        monge_ok = _monotone_direction(series) != 0
         n = series.size
-        solve = lambda m: dp.solve_series(series, kind, k, min_size, max_size or 0, m)  # noqa: E731
+
+        def solve(m):
+            return dp.solve_series(series, kind, k, min_size, max_size or 0, m)
     else:
         if objective == "cost_matrix":
             matrix = _float_array("cost_matrix", cost_matrix, 2)
@@ -262,7 +264,9 @@ def interval_clustering(
         if T is not None and _check_int("T", T, minimum=1) != n:
             raise ValueError(f"T={T} does not match the matrix size {n}")
         monge_ok = method != "exact" and dp.is_monge(matrix)
-        solve = lambda m: dp.solve_matrix(matrix, k, min_size, max_size or 0, m)  # noqa: E731
+
+        def solve(m):
+            return dp.solve_matrix(matrix, k, min_size, max_size or 0, m)
 
     if k > n:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={n}")
