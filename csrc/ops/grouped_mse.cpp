@@ -39,7 +39,12 @@ bool is_floating(const at::Tensor& t) {
 
 }  // namespace
 
+// The accumulation type of a (pred, target) dtype pair, as a C++ type and as a ScalarType:
 // float64 when pred or target is float64, float32 otherwise.
+template <typename TP, typename TT>
+using AccType = std::conditional_t<std::is_same_v<TP, double> || std::is_same_v<TT, double>,
+                                   double, float>;
+
 at::ScalarType accumulate_type(const at::Tensor& pred, const at::Tensor& target) {
   return (pred.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble) ? at::kDouble
                                                                                     : at::kFloat;
@@ -132,6 +137,7 @@ void check_backward_inputs(const at::Tensor& grad_group,
 namespace {
 
 using grouped_mse_detail::accumulate_type;
+using grouped_mse_detail::AccType;
 
 // The per-tile loops are compiled twice on x86-64 Linux (AVX2 and the baseline ISA) and the
 // loader picks one for the CPU at hand. Both compute the same lanes in the same order (no FMA
@@ -356,8 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mse_cpu(
   dispatch_pair(pred.scalar_type(), target.scalar_type(), [&](auto tp_tag, auto tt_tag) {
     using TP = typename decltype(tp_tag)::type;
     using TT = typename decltype(tt_tag)::type;
-    using Acc = std::conditional_t<std::is_same_v<TP, double> || std::is_same_v<TT, double>,
-                                   double, float>;
+    using Acc = AccType<TP, TT>;
     const TP* p = pred.data_ptr<TP>();
     const TT* t = target.data_ptr<TT>();
     at::parallel_for(0, tiles, grain_tiles(per_sample), [&](int64_t begin, int64_t end) {
@@ -463,8 +468,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mse_backward_cpu(
   dispatch_pair(pred.scalar_type(), target.scalar_type(), [&](auto tp_tag, auto tt_tag) {
     using TP = typename decltype(tp_tag)::type;
     using TT = typename decltype(tt_tag)::type;
-    using Acc = std::conditional_t<std::is_same_v<TP, double> || std::is_same_v<TT, double>,
-                                   double, float>;
+    using Acc = AccType<TP, TT>;
     const TP* p = pred.data_ptr<TP>();
     const TT* t = target.data_ptr<TT>();
     TP* gp = grad_pred.data_ptr<TP>();
