@@ -352,7 +352,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        if cfg.method_key == "famo":  # FAMO: losses after the step, same batch
+        if cfg.method_key == "famo" and self.method.reevaluate:  # losses after the step
             with torch.no_grad():
                 self.method.update(self.compute_losses(x_t, t, y, target, group, weight),
                                    group=group)

@@ -1,7 +1,7 @@
 """Step time of each MTL method relative to equal weighting (EW), per gradient engine, on CPU.
 
-Two small diffusion-like networks: a conv net with GroupNorm (UNet-like) and a transformer
-(DiT-like), K = 5 timestep clusters, a stratified batch. A step is forward + grouped loss +
+The project's two small models (``unet-tiny`` and ``dit-tiny`` at 16 px), K = 5 timestep
+clusters, a stratified batch. A step is forward + grouped loss +
 ``method.backward`` + SGD step; the ratio is the median step time over the median EW step time
 measured in the same run. Also times the Nash-MTL Newton solve for K = 5 and 32.
 
@@ -20,61 +20,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ant_core import mtl
+from ant_core.models import create_model
 from ant_core.mtl.gradient_solvers import nash_mtl_weights
 
 K = 5
-
-
-class ConvNet(nn.Module):
-    """UNet-like: time Embedding, Conv2d + GroupNorm + SiLU blocks, 1x1 conv out."""
-
-    def __init__(self, channels=32):
-        super().__init__()
-        self.time = nn.Embedding(1000, channels)
-        self.inp = nn.Conv2d(3, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.ModuleList([nn.GroupNorm(8, channels), nn.Conv2d(channels, channels, 3, padding=1)])
-            for _ in range(4))
-        self.out = nn.Conv2d(channels, 3, 1)
-
-    def forward(self, x, t):
-        h = self.inp(x) + self.time(t)[:, :, None, None]
-        for norm, conv in self.blocks:
-            h = h + conv(F.silu(norm(h)))
-        return self.out(h)
-
-
-class DiT(nn.Module):
-    """DiT-like: patch Linear, position/time Embedding, pre-LN attention + MLP blocks."""
-
-    def __init__(self, dim=96, depth=3, heads=4, patch=4, image=16):
-        super().__init__()
-        self.patch, self.heads = patch, heads
-        self.tokens = (image // patch) ** 2
-        self.embed = nn.Linear(3 * patch * patch, dim)
-        self.pos = nn.Embedding(self.tokens, dim)
-        self.time = nn.Embedding(1000, dim)
-        self.blocks = nn.ModuleList(nn.ModuleList([
-            nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.LayerNorm(dim),
-            nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)]) for _ in range(depth))
-        self.out = nn.Linear(dim, 3 * patch * patch)
-
-    def forward(self, x, t):
-        b = x.shape[0]
-        p = self.patch
-        tokens = F.unfold(x, p, stride=p).transpose(1, 2)
-        positions = torch.arange(self.tokens, device=x.device).expand(b, -1)
-        h = self.embed(tokens) + self.pos(positions) + self.time(t)[:, None]
-        for ln1, qkv, proj, ln2, fc1, fc2 in self.blocks:
-            q, k, v = qkv(ln1(h)).view(b, self.tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, self.tokens, -1)
-            h = h + proj(a)
-            h = h + fc2(F.gelu(fc1(ln2(h))))
-        out = self.out(h).transpose(1, 2)
-        return F.fold(out, x.shape[-2:], p, stride=p)
 
 
 def grouped_losses(pred, target, group):
@@ -83,7 +34,7 @@ def grouped_losses(pred, target, group):
     return sums / torch.bincount(group, minlength=K).clamp_min(1)
 
 
-def make_step(model, method, engine, batch, famo_reevaluate=True):
+def make_step(model, method, engine, batch):
     """A closure running one training step of ``method`` (None: vanilla mean loss)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 16, 16)
@@ -102,7 +53,7 @@ def make_step(model, method, engine, batch, famo_reevaluate=True):
                 pred = model(x, t)
             method.backward(grouped_losses(pred, target, group), model.parameters(), group=group)
         optimiser.step()
-        if method is not None and method.method_name == "famo" and famo_reevaluate:
+        if method is not None and method.method_name == "famo" and method.reevaluate:
             with torch.no_grad():
                 method.update(grouped_losses(model(x, t), target, group))
 
@@ -131,28 +82,29 @@ def run(steps, batch, quick):
     weighting = ["uw", "famo"] if quick else ["uw", "dwa", "rlw", "famo", "gradnorm"]
     gradient = ["pcgrad", "nashmtl", "mgda"] if quick else \
         ["pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl"]
-    for name, make in [("conv+GroupNorm", ConvNet), ("transformer", DiT)]:
-        model = make()
+    for name in ("unet-tiny", "dit-tiny"):
+        model = create_model(name, image_size=16)
         params = sum(p.numel() for p in model.parameters())
         ew = make_step(model, mtl.create("ew", num_tasks=K), None, batch)
         vanilla, base = ratio_to(ew, make_step(model, None, None, batch), steps)
         print(f"\n{name}: {params / 1e6:.2f}M params, batch {batch}, K={K}; "
               f"EW step {base * 1e3:.1f} ms (vanilla {vanilla:.2f}x EW)")
         print(f"{'method':<22}{'engine':<17}{'x EW':>8}")
-        rows = [(m, "-", {}) for m in weighting] + [("famo (no re-eval.)", "-", {})]
+        rows = [(m, "-", {}) for m in weighting] + [("famo (no re-eval.)", "-",
+                                                      {"reevaluate": False})]
         engines = ("autograd", "one-backward") if quick else \
             ("autograd", "one-backward", "one-bwd/low-mem")
-        rows += [(m, e, {}) for m in gradient + ["nashmtl/25"] for e in engines]
-        for method_name, engine_name, _ in rows:
+        rows += [(m, e, {}) for m in gradient for e in engines]
+        rows += [("nashmtl/25", e, {"update_weights_every": 25}) for e in engines]
+        for method_name, engine_name, hparams in rows:
             engine = None
             if engine_name.startswith("one-b"):
                 engine = mtl.OneBackwardEngine(model, low_memory=engine_name.endswith("low-mem"))
-            kwargs = {} if engine_name == "-" else {"engine": engine or "autograd"}
-            if method_name == "nashmtl/25":
-                kwargs["update_weights_every"] = 25
+            kwargs = dict(hparams)
+            if engine_name != "-":
+                kwargs["engine"] = engine or "autograd"
             method = mtl.create(method_name.split("/")[0].split(" ")[0], num_tasks=K, **kwargs)
-            step = make_step(model, method, engine, batch,
-                             famo_reevaluate="no re-eval" not in method_name)
+            step = make_step(model, method, engine, batch)
             ratio, _ = ratio_to(ew, step, steps)
             if engine is not None:
                 engine.remove()

@@ -236,3 +236,97 @@ def test_conv3d_dilated_conv1d_and_a_layer_called_twice():
     torch.manual_seed(7)
     _compare(Net(), lambda: (torch.randn(5, 2, 3, 4, 3, dtype=torch.float64),),
              torch.tensor([0, 0, 1, 2, 2]), 3)
+
+
+class _Branchy(nn.Module):
+    """Two heads; the second only runs when asked (its parameters are then unused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(3, 4)
+
+    def forward(self, x, use_b):
+        return self.a(x) + self.b(x) if use_b else self.a(x)
+
+
+@pytest.mark.parametrize("engine_name", ["autograd", "one-backward"])
+def test_reused_storage_leaves_nothing_stale(engine_name):
+    """Engines reuse their gradient storage from call to call: a parameter used in one call and
+    not in the next, or a task with samples in one call and none in the next, must not carry
+    the previous call's values (per-parameter gradients, Gramian and combination checked)."""
+    torch.manual_seed(0)
+    model = _Branchy().double()
+    params = list(model.parameters())
+    engine = AutogradEngine() if engine_name == "autograd" else OneBackwardEngine(model)
+    storage = []
+    for use_b, ids in [(True, [0, 0, 1, 1, 2, 2]), (False, [0, 0, 0, 1, 1, 1]),
+                       (True, [2, 2, 2, 2, 1, 1])]:
+        x = torch.randn(6, 3, dtype=torch.float64)
+        group = torch.tensor(ids)
+        per_sample = model(x, use_b).pow(2).mean(1)
+        reference = AutogradEngine().task_gradients(_group_losses(per_sample, group, 3), params)
+        with engine.record() if engine_name != "autograd" else torch.enable_grad():
+            out = model(x, use_b).pow(2).mean(1)
+        fast = engine.task_gradients(_group_losses(out, group, 3), params, group=group)
+        storage.append(fast.buffers)
+        for r, f in zip(reference, fast):
+            assert (r is None) == (f is None)
+            if r is not None:
+                torch.testing.assert_close(f, r)
+        expected = task_gramian(list(reference), 3)
+        torch.testing.assert_close(fast.gramian(), expected)
+        coeffs = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+        for r, f in zip(reference, fast.combine(coeffs)):
+            assert (r is None) == (f is None)
+            if r is not None:
+                torch.testing.assert_close(f, torch.tensordot(coeffs, r, dims=1))
+    assert storage[0] is storage[1] is storage[2]
+
+
+def test_task_gradients_mixed_dtypes():
+    """Parameters of two dtypes: one buffer each; the Gramian sums both (fp32 Gramian of the
+    bf16 block, not bf16)."""
+    torch.manual_seed(0)
+    params = [torch.randn(5, 7, requires_grad=True),
+              torch.randn(300, dtype=torch.bfloat16, requires_grad=True)]
+    losses = torch.stack([(params[0] * k).sum() + (params[1].float() ** 2 * (k + 1)).sum()
+                          for k in range(3)])
+    fast = AutogradEngine().task_gradients(losses, params)
+    assert len(fast.buffers) == 2
+    expected = sum(g.reshape(3, -1).double() @ g.reshape(3, -1).double().T for g in fast)
+    torch.testing.assert_close(fast.gramian(), expected, rtol=1e-5, atol=0)
+
+
+class _Scale(nn.Module):
+    """y = x · w with a per-feature w: not a built-in layer, so it needs a handler."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_register_layer_handler_for_a_custom_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Scale(4), nn.Linear(4, 2)).double()
+    engine = OneBackwardEngine(model)
+    assert model[1] not in engine.handled_modules
+    engine.remove()
+
+    def handler(module, x, gy, tasks, out):
+        tasks.sum_per_task(gy * x, out["w"])
+
+    mtl.register_layer_handler(_Scale, handler)
+    try:
+        group = torch.tensor([0, 1, 1, 2, 0, 2])
+        _compare(model, lambda: (torch.randn(6, 3, dtype=torch.float64),), group, 3)
+        engine = OneBackwardEngine(model)
+        assert model[1] in engine.handled_modules
+        engine.remove()
+    finally:
+        from ant_core.mtl import layer_gradients
+        layer_gradients._HANDLERS[:] = [h for h in layer_gradients._HANDLERS
+                                        if h[0] is not _Scale]

@@ -112,6 +112,28 @@ def test_famo_weights_and_update_match_paper():
         famo.update(current)
 
 
+def test_famo_without_reevaluation_updates_from_the_next_losses():
+    """reevaluate=False takes the next backward's losses as the "after" losses: on a loss
+    sequence where the re-evaluated losses equal the next step's, both variants agree."""
+    torch.manual_seed(0)
+    sequence = [torch.rand(K, dtype=torch.float64) + 0.1 for _ in range(5)]
+    paper = mtl.create("famo", num_tasks=K, lr=0.1)
+    lagged = mtl.create("famo", num_tasks=K, lr=0.1, reevaluate=False)
+    for step, losses in enumerate(sequence):
+        x = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+        w_paper = paper.backward(losses * x, [x])
+        w_lagged = lagged.backward(losses * x, [x])
+        torch.testing.assert_close(w_lagged, w_paper)
+        torch.testing.assert_close(lagged.logits, paper.logits)
+        if step + 1 < len(sequence):
+            paper.update(sequence[step + 1])
+    assert not torch.equal(paper.logits, torch.zeros(K, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="do not call update"):
+        lagged.update(sequence[0])
+    with pytest.raises(TypeError, match="reevaluate"):
+        mtl.create("famo", num_tasks=K, reevaluate="no")
+
+
 def test_dwa_uses_loss_ratios():
     dwa = mtl.create("dwa", num_tasks=K, temperature=2.0)
     history = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 2.0, 3.3]),

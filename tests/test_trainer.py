@@ -103,6 +103,12 @@ def test_method_wiring_uw_group_famo_update_and_ema(tmp_path):
     famo.close()
     assert int(famo.method.adam_step) == 3 and torch.any(famo.method.logits != 0)
 
+    lagged = Trainer(tiny(tmp_path, "famo-lagged", method="famo", steps=3,
+                          method_config={"reevaluate": False}))
+    lagged.train()
+    lagged.close()  # no re-evaluation: the logits move from the second backward on
+    assert int(lagged.method.adam_step) == 2 and torch.any(lagged.method.logits != 0)
+
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
     """compile=True runs the model through torch.compile (here with the aot_eager backend, so no

@@ -1,10 +1,11 @@
 """Per-task gradient engines: the K task gradients of shared parameters, one interface.
 
-``engine.task_gradients(losses, parameters, group=None)`` returns, for each parameter, a tensor
-(K, *p.shape) holding ``∇_p losses[k]`` for every k (None when no loss depends on p): K × P
-memory, which the gradient methods need to combine ``Σ c_k g_k`` after the Gramian solve. The
-Gramian is accumulated parameter by parameter, never from one flattened K × P copy. Both engines
-have a memory-bounded mode for the gradient methods (``AutogradEngine(chunk_numel=...)``,
+``engine.task_gradients(losses, parameters, group=None)`` returns a :class:`TaskGradients`:
+``∇_p losses[k]`` for every parameter p and task k, in one flat buffer per dtype/device (K × P
+memory; a DDP all-reduce is one call per buffer). The one-backward engine's layer handlers
+write straight into it, and the engines reuse it from call to call (a fresh K × P allocation
+every step costs more than the gradients on a CPU). Both engines have a
+memory-bounded mode for the gradient methods (``AutogradEngine(chunk_numel=...)``,
 ``OneBackwardEngine(model, low_memory=True)``) that trades K × P memory for one more pass.
 
 * :class:`AutogradEngine` — the reference: K ``autograd.grad`` calls with ``retain_graph``;
@@ -21,29 +22,127 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .layer_gradients import TaskSegments, find_handler
 
-__all__ = ["AutogradEngine", "OneBackwardEngine", "resolve_engine", "task_gramian"]
+__all__ = ["AutogradEngine", "OneBackwardEngine", "TaskGradients", "resolve_engine",
+           "task_gramian"]
 
 
-def _autograd_task_gradients(losses, params, retain_last=False):
+class TaskGradients(Sequence):
+    """The K task gradients of a parameter list, in one flat buffer per (dtype, device).
+
+    ``tg[i]`` is parameter i's (K, *shape) gradient (a contiguous block of its buffer) or None
+    when no loss depends on it. ``storage`` (the ``buffers`` of an earlier instance) is reused
+    when the layout matches, so an earlier instance's blocks are overwritten: use a result
+    before asking its engine for the next one.
+    """
+
+    def __init__(self, params, num_tasks, storage=None):
+        self.num_tasks = num_tasks
+        self._shapes = [p.shape for p in params]
+        self._where, sizes = [], {}
+        for p in params:
+            key = (p.dtype, p.device)
+            offset = sizes.get(key, 0)
+            self._where.append((key, offset, p.numel()))
+            sizes[key] = offset + num_tasks * p.numel()
+        if storage is not None and {k: b.numel() for k, b in storage.items()} == sizes:
+            self.buffers = storage
+        else:
+            self.buffers = {key: torch.empty(n, dtype=key[0], device=key[1])
+                            for key, n in sizes.items()}
+        self._used = [False] * len(params)
+
+    def _block(self, i):
+        key, offset, numel = self._where[i]
+        return self.buffers[key][offset: offset + self.num_tasks * numel].view(
+            self.num_tasks, *self._shapes[i])
+
+    def __len__(self):
+        return len(self._where)
+
+    def __getitem__(self, i):
+        return self._block(i) if self._used[i] else None
+
+    def claim(self, i):
+        """Parameter i's block for a writer to overwrite, or None when it is already written
+        (then write elsewhere and :meth:`add`)."""
+        if self._used[i]:
+            return None
+        self._used[i] = True
+        return self._block(i)
+
+    def add(self, i, grad):
+        """Add a (K, *shape) gradient to parameter i's block."""
+        block = self.claim(i)
+        (block.copy_ if block is not None else self._block(i).add_)(grad)
+
+    def add_task(self, i, k, grad):
+        """Add task k's gradient (*shape) of parameter i (other tasks' rows start at 0)."""
+        block = self.claim(i)
+        if block is not None:
+            block.zero_()
+        self._block(i)[k].add_(grad)
+
+    def _zero_unused(self):
+        for i, used in enumerate(self._used):
+            if not used:
+                self._block(i).zero_()
+
+    def reduce(self, fn):
+        """Apply ``fn`` (e.g. a DDP SUM all-reduce of a list of tensors) in place to the
+        buffers; all parameters count as used afterwards (one unused here may be used on
+        another rank)."""
+        self._zero_unused()
+        fn(list(self.buffers.values()))
+        self._used = [True] * len(self._used)
+
+    def gramian(self, reduce=None):
+        """(K, K) float64 Gramian ``G[a, b] = Σ_p <g_a, g_b>``.
+
+        With ``reduce``, the Gramian of ``reduce`` applied to a copy (the gradients stay local).
+        """
+        blocks = [g for g in self if g is not None]
+        if reduce is not None:
+            blocks = [g.clone() for g in blocks]
+            reduce(blocks)
+        return task_gramian(blocks, self.num_tasks)
+
+    def combine(self, coeffs):
+        """Per-parameter ``Σ_k c_k g_k`` (None where unused), views of one fresh vector per
+        buffer."""
+        coeffs = torch.as_tensor(coeffs)
+        flats = {key: b.new_empty(b.numel() // self.num_tasks) for key, b in self.buffers.items()}
+        out = []
+        for i, ((key, offset, numel), shape) in enumerate(zip(self._where, self._shapes)):
+            if not self._used[i]:
+                out.append(None)
+                continue
+            start = offset // self.num_tasks
+            flat = flats[key][start: start + numel]
+            torch.mv(self._block(i).view(self.num_tasks, -1).T, coeffs.to(flat), out=flat)
+            out.append(flat.view(shape))
+        return out
+
+
+def _autograd_task_gradients(losses, params, out, indices=None, retain_last=False):
+    """K ``autograd.grad`` calls adding ``∇ losses[k]`` of ``params`` into ``out`` (a
+    :class:`TaskGradients`) at ``indices`` (default 0..len-1)."""
+    indices = range(len(params)) if indices is None else indices
     num_tasks = losses.numel()
-    out = [None] * len(params)
-    if not losses.requires_grad:
+    if not losses.requires_grad or not params:
         return out
     for k in range(num_tasks):
         retain = retain_last or k < num_tasks - 1
         grads = torch.autograd.grad(losses[k], params, retain_graph=retain, allow_unused=True)
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is None:
-                continue
-            if out[i] is None:
-                out[i] = torch.zeros((num_tasks, *p.shape), dtype=g.dtype, device=g.device)
-            out[i][k] = g
+        for i, g in zip(indices, grads):
+            if g is not None:
+                out.add_task(i, k, g)
     return out
 
 
@@ -61,6 +160,7 @@ class AutogradEngine:
                                         or not isinstance(chunk_numel, int) or chunk_numel < 1):
             raise ValueError(f"chunk_numel must be None or an int >= 1, got {chunk_numel!r}")
         self.chunk_numel = chunk_numel
+        self._storage = None
 
     def chunks(self, parameters):
         """Consecutive groups of parameters with at most ``chunk_numel`` entries each."""
@@ -75,8 +175,11 @@ class AutogradEngine:
             yield chunk
 
     def task_gradients(self, losses, parameters, *, group=None, retain_graph=False):
-        """Per-parameter (K, *shape) task gradients (None for parameters no loss uses)."""
-        return _autograd_task_gradients(losses, list(parameters), retain_last=retain_graph)
+        """:class:`TaskGradients` of ``parameters`` from K backward passes."""
+        params = list(parameters)
+        out = TaskGradients(params, losses.numel(), self._storage)
+        self._storage = out.buffers
+        return _autograd_task_gradients(losses, params, out, retain_last=retain_graph)
 
     def discard(self):
         """Nothing recorded; present for interface parity with :class:`OneBackwardEngine`."""
@@ -132,6 +235,7 @@ class OneBackwardEngine:
             raise TypeError(f"low_memory must be a bool, got {type(low_memory).__name__}")
         self.model = model
         self.low_memory = low_memory
+        self._storage = None
         self._records = []
         self._recording = False
         self._handles = []
@@ -164,10 +268,11 @@ class OneBackwardEngine:
         self._records = []
 
     def remove(self):
-        """Remove the hooks from the model."""
+        """Remove the hooks from the model and free the reused gradient storage."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._storage = None
 
     def _check_no_interaction(self):
         for module in self.model.modules():
@@ -177,11 +282,14 @@ class OneBackwardEngine:
                     f"model contains {type(module).__name__} using batch statistics: samples "
                     "interact, so per-task gradients cannot be split; use AutogradEngine")
 
-    def _one_backward(self, losses, params, group):
+    def _one_backward(self, losses, params, group, out=None):
         """The shared first half: fallback task gradients, then one backward to layer outputs.
 
-        Returns ``(tasks, items, fallback, fallback_grads)`` with ``items`` a list of
-        ``(module, input, output, output_grad)`` in the parameters' dtype.
+        The fallback parameters' task gradients go into ``out`` (a :class:`TaskGradients` of
+        ``params``) or, when it is None, into a new one of the fallback parameters alone.
+        Returns ``(tasks, items, fallback, fallback_out)``: ``items`` a list of
+        ``(module, input, output_grad)`` in the parameters' dtype, ``fallback`` the fallback
+        parameters' indices in ``params``.
         """
         if group is None:
             raise ValueError("group (the per-sample task ids) is required by OneBackwardEngine")
@@ -205,12 +313,14 @@ class OneBackwardEngine:
         if not records and params:
             warnings.warn("OneBackwardEngine recorded nothing: run the forward inside "
                           "engine.record(); using K backward passes", RuntimeWarning, stacklevel=4)
-        fallback_grads = []
-        if fallback:
-            fallback_grads = _autograd_task_gradients(losses, [params[i] for i in fallback],
-                                                      retain_last=bool(usable))
+        fallback_params = [params[i] for i in fallback]
+        if out is None:
+            out, indices = TaskGradients(fallback_params, losses.numel()), None
+        else:
+            indices = fallback
+        _autograd_task_gradients(losses, fallback_params, out, indices, retain_last=bool(usable))
         if not usable or not losses.requires_grad:
-            return tasks, [], fallback, fallback_grads
+            return tasks, [], fallback, out
         output_grads = torch.autograd.grad(losses.sum(), [y for _, _, y in usable],
                                            allow_unused=True)
         items = []
@@ -218,27 +328,26 @@ class OneBackwardEngine:
             if gy is not None:
                 dtype = module_dtype(module)
                 items.append((module, x.to(dtype) if x.is_floating_point() else x,
-                              y.detach().to(dtype), gy.to(dtype)))
-        return tasks, items, fallback, fallback_grads
-
-    @staticmethod
-    def _accumulate(out, index, module, per_layer, select=None):
-        for name, g in per_layer.items():
-            i = index.get(id(getattr(module, name)))
-            if i is not None:
-                g = g if select is None else g[select]
-                out[i] = g if out[i] is None else out[i] + g
+                              gy.to(dtype)))
+        return tasks, items, fallback, out
 
     def task_gradients(self, losses, parameters, *, group=None):
-        """Per-parameter (K, *shape) task gradients from one backward (see class docstring)."""
+        """:class:`TaskGradients` from one backward (see the class docstring)."""
         params = list(parameters)
-        tasks, items, fallback, fallback_grads = self._one_backward(losses, params, group)
-        out = [None] * len(params)
-        for i, g in zip(fallback, fallback_grads):
-            out[i] = g
+        out = TaskGradients(params, losses.numel(), self._storage)
+        self._storage = out.buffers
+        tasks, items, _, _ = self._one_backward(losses, params, group, out)
         index = {id(p): i for i, p in enumerate(params)}
-        for module, x, y, gy in items:
-            self._accumulate(out, index, module, find_handler(module)(module, x, gy, tasks, y))
+        for module, x, gy in items:
+            targets, shared = {}, []
+            for name, i, p in _owned(module, index):
+                targets[name] = out.claim(i)
+                if targets[name] is None:  # a parameter of several layers: add the others
+                    targets[name] = p.new_empty((tasks.num_tasks, *p.shape))
+                    shared.append((i, targets[name]))
+            find_handler(module)(module, x, gy, tasks, targets)
+            for i, g in shared:
+                out.add(i, g)
         return out
 
     def gramian_and_writer(self, losses, parameters, *, group=None, reduce=None):
@@ -253,20 +362,20 @@ class OneBackwardEngine:
         """
         params = list(parameters)
         num_tasks = losses.numel()
-        tasks, items, fallback, fallback_grads = self._one_backward(losses, params, group)
+        tasks, items, fallback, fallback_out = self._one_backward(losses, params, group)
         index = {id(p): i for i, p in enumerate(params)}
         users = {}
-        for module, _, _, _ in items:
+        for module, _, _ in items:
             for p in module.parameters(recurse=False):
                 users[id(p)] = users.get(id(p), 0) + 1
         pending, parts = {}, []
-        gramian = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=losses.device)
-        for module, x, y, gy in items:
-            per_layer = find_handler(module)(module, x, gy, tasks, y)
-            for name, g in per_layer.items():
+        gramian = fallback_out.gramian(reduce).to(losses.device)
+        for module, x, gy in items:
+            targets = {name: p.new_empty((num_tasks, *p.shape))
+                       for name, _, p in _owned(module, index)}
+            find_handler(module)(module, x, gy, tasks, targets)
+            for name, g in targets.items():
                 key = id(getattr(module, name))
-                if key not in index:
-                    continue
                 pending[key] = g if key not in pending else pending[key] + g
                 users[key] -= 1
                 if users[key] == 0:
@@ -276,27 +385,33 @@ class OneBackwardEngine:
                     reduce(parts)
                 gramian += task_gramian(parts, num_tasks).to(gramian.device)
                 parts = []
-        reduced_fallback = [g for g in fallback_grads if g is not None]
-        if reduce is not None:
-            reduced_fallback = [g.clone() for g in reduced_fallback]
-            reduce(reduced_fallback)
-        gramian += task_gramian(reduced_fallback, num_tasks).to(gramian.device)
 
         def write(coeffs):
             coeffs = torch.as_tensor(coeffs)
             out = [None] * len(params)
-            for i, g in zip(fallback, fallback_grads):
-                if g is not None:
-                    out[i] = torch.tensordot(coeffs.to(g), g, dims=1)
+            for i, g in zip(fallback, fallback_out.combine(coeffs)):
+                out[i] = g
             single = TaskSegments(torch.zeros_like(tasks.group), 1)
             per_sample = coeffs.to(tasks.group.device)[tasks.group]
-            for module, x, y, gy in items:
+            for module, x, gy in items:
                 factor = per_sample.to(gy.dtype).view(-1, *([1] * (gy.dim() - 1)))
-                per_layer = find_handler(module)(module, x, gy * factor, single, y)
-                self._accumulate(out, index, module, per_layer, select=0)
+                owned = list(_owned(module, index))
+                targets = {name: p.new_empty((1, *p.shape)) for name, _, p in owned}
+                find_handler(module)(module, x, gy * factor, single, targets)
+                for name, i, _ in owned:
+                    g = targets[name][0]
+                    out[i] = g if out[i] is None else out[i] + g
             return out
 
         return gramian, write
+
+
+def _owned(module, index):
+    """``(name, position in index, parameter)`` of the module's own parameters in ``index``."""
+    for name, p in module.named_parameters(recurse=False):
+        i = index.get(id(p))
+        if i is not None:
+            yield name, i, p
 
 
 def module_dtype(module):
@@ -309,8 +424,8 @@ def module_dtype(module):
 def task_gramian(task_grads, num_tasks, small_numel: int = 1 << 14):
     """Gramian (K, K) float64 of per-parameter (K, *shape) task gradients (None skipped).
 
-    Accumulated parameter by parameter (no K × P copy); parameters smaller than
-    ``small_numel`` are concatenated first so that many tiny ones cost one matmul.
+    One matmul per (K, n) block (fp16/bf16 in float32); blocks smaller than ``small_numel``
+    per task are concatenated first so that many tiny ones cost one matmul.
     """
     gramian = None
     small, big = [], []
@@ -322,6 +437,8 @@ def task_gramian(task_grads, num_tasks, small_numel: int = 1 << 14):
         by_dtype.setdefault((flat.dtype, flat.device), []).append(flat)
     blocks = big + [torch.cat(group, dim=1) for group in by_dtype.values()]
     for flat in blocks:
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
         part = (flat @ flat.T).double()
         gramian = part if gramian is None else gramian + part.to(gramian.device)
     if gramian is None:

@@ -22,7 +22,7 @@ import torch
 
 from . import distributed, gradient_solvers
 from .base import MTLMethod, _add_grad, register, warn_non_finite
-from .engines import resolve_engine, task_gramian
+from .engines import resolve_engine
 
 __all__ = ["PCGrad", "NashMTL", "MGDA", "CAGrad", "IMTLG", "AlignedMTL"]
 
@@ -42,7 +42,8 @@ class _GradientMethod(MTLMethod):
 
     def task_gradients(self, losses, shared_parameters, *, task_counts=None, group=None,
                        grad_scaler=None):
-        """Union-batch per-task gradients (list of (K, *p.shape) or None) and the Gramian.
+        """Union-batch per-task gradients (a :class:`~ant_core.mtl.engines.TaskGradients`)
+        and the Gramian.
 
         Gradients are loss-scaled (by the GradScaler's scale); the Gramian (float64 numpy) is
         unscaled. Returns ``(params, task_grads, gramian, scale)``.
@@ -50,22 +51,20 @@ class _GradientMethod(MTLMethod):
         losses, params, shares, scale = self._prepare(losses, shared_parameters, task_counts,
                                                       group, grad_scaler)
         scaled = losses * (shares * scale.double()).to(losses.dtype)
-        grads = self.engine.task_gradients(scaled, params, group=group)
-        if distributed.world_size(self.process_group) > 1:
-            grads = [torch.zeros((self.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
-                     if g is None else g for p, g in zip(params, grads)]
-            distributed.all_reduce_sum(grads, self.process_group)
-        gramian = task_gramian(grads, self.num_tasks).to(losses.device) / scale.double() ** 2
+        grads = self._reduced(self.engine.task_gradients(scaled, params, group=group))
+        gramian = grads.gramian().to(losses.device) / scale.double() ** 2
         return params, grads, gramian.cpu().numpy(), scale
 
-    def _write(self, params, grads, coeffs):
-        cache = {}
-        for p, g in zip(params, grads):
+    def _reduced(self, grads):
+        if distributed.world_size(self.process_group) > 1:
+            grads.reduce(lambda ts: distributed.all_reduce_sum(ts, self.process_group))
+        return grads
+
+    @staticmethod
+    def _write(params, grads, coeffs):
+        for p, g in zip(params, grads.combine(torch.as_tensor(coeffs, dtype=torch.float64))):
             if g is not None:
-                key = (g.dtype, g.device)
-                if key not in cache:
-                    cache[key] = torch.as_tensor(coeffs, dtype=g.dtype, device=g.device)
-                _add_grad(p, torch.tensordot(cache[key], g, dims=1), owned=True)
+                _add_grad(p, g, owned=True)
 
     def _backward_chunked(self, losses, shared_parameters, task_counts, group, grad_scaler):
         """Memory-bounded path: Gramian chunk by chunk, then one backward of ``Σ c_k L_k``."""
@@ -74,12 +73,9 @@ class _GradientMethod(MTLMethod):
         scaled = losses * (shares * scale.double()).to(losses.dtype)
         gramian = torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)
         for chunk in self.engine.chunks(params):
-            grads = self.engine.task_gradients(scaled, chunk, group=group, retain_graph=True)
-            if distributed.world_size(self.process_group) > 1:
-                grads = [torch.zeros((self.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
-                         if g is None else g for p, g in zip(chunk, grads)]
-                distributed.all_reduce_sum(grads, self.process_group)
-            gramian += task_gramian(grads, self.num_tasks).cpu()
+            grads = self._reduced(self.engine.task_gradients(scaled, chunk, group=group,
+                                                             retain_graph=True))
+            gramian += grads.gramian().cpu()
             del grads
         gramian = (gramian / scale.double().cpu() ** 2).numpy()
         finite = bool(np.all(np.isfinite(gramian)))

@@ -5,9 +5,11 @@ of the batch and samples do not interact, a layer's gradient for task k is its o
 gradient restricted to task k's samples: the same matmul / convolution-weight / reduction,
 applied to the task's segment of the batch.
 
-A handler is ``handler(module, input, grad_output, tasks) -> {param_name: (K, *shape)}`` where
-``input`` and ``grad_output`` have the batch on dim 0 and ``tasks`` is a :class:`TaskSegments`
-(handlers that accept an ``output=`` keyword also receive the layer's output).
+A handler is ``handler(module, input, grad_output, tasks, out)``: ``input`` and ``grad_output``
+have the batch on dim 0, ``tasks`` is a :class:`TaskSegments` and ``out`` maps parameter names
+to (K, *shape) tensors that the handler overwrites with the per-task gradients (names missing
+from ``out`` are not needed, e.g. frozen parameters). Writing into the engine's storage, not
+returning new tensors, saves a pass over K × P memory.
 Extend the engine with :func:`register_layer_handler` (a ``supports(module) -> bool`` predicate
 says whether a given instance can be handled; otherwise its parameters fall back to the
 extra-backward path).
@@ -54,11 +56,13 @@ class TaskSegments:
             self._indicators[key] = F.one_hot(self.group.to(device), self.num_tasks).T.to(dtype)
         return self._indicators[key]
 
-    def sum_per_task(self, per_sample: torch.Tensor) -> torch.Tensor:
-        """Sum a per-sample tensor (B, ...) over each task's samples: (K, ...) (one matmul)."""
+    def sum_per_task(self, per_sample: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the sums of a per-sample tensor (B, ...) over each task's samples into ``out``
+        (K, ...) (one matmul)."""
         flat = per_sample.reshape(per_sample.shape[0], -1)
-        out = self.indicator(per_sample.dtype, per_sample.device) @ flat
-        return out.view(self.num_tasks, *per_sample.shape[1:])
+        torch.mm(self.indicator(per_sample.dtype, per_sample.device), flat,
+                 out=out.view(self.num_tasks, -1))
+        return out
 
     def equal_segments(self) -> bool:
         """True when the batch is sorted and every task has the same number of samples."""
@@ -68,41 +72,36 @@ class TaskSegments:
 _HANDLERS = []  # (module type, supports(module), handler)
 
 
-def register_layer_handler(module_type, handler, supports=lambda module: True,
-                           wants_output=False):
+def register_layer_handler(module_type, handler, supports=lambda module: True):
     """Teach the one-backward engine a layer type (checked before the built-in ones).
 
-    ``handler(module, input, grad_output, tasks)`` (plus ``output=`` when ``wants_output``)
-    returns ``{param_name: per-task gradient (K, *param.shape)}``.
+    ``handler(module, input, grad_output, tasks, out)`` overwrites each ``out[param_name]``
+    (K, *param.shape) with the per-task gradients of that parameter.
     """
-    _HANDLERS.insert(0, (module_type, supports, handler, wants_output))
+    _HANDLERS.insert(0, (module_type, supports, handler))
 
 
 def find_handler(module):
-    """``handler(module, x, grad_output, tasks, output)`` for ``module``, or None (then its
+    """``handler(module, x, grad_output, tasks, out)`` for ``module``, or None (then its
     parameters take the fallback path)."""
-    for module_type, supports, handler, wants_output in _HANDLERS:
+    for module_type, supports, handler in _HANDLERS:
         if type(module) is module_type and supports(module):
-            if wants_output:
-                return lambda m, x, gy, tasks, output: handler(m, x, gy, tasks, output=output)
-            return lambda m, x, gy, tasks, output: handler(m, x, gy, tasks)
+            return handler
     return None
 
 
-def _linear(module, x, gy, tasks):
-    out = {}
-    if tasks.equal_segments():  # one batched matmul over (K, samples per task · tokens)
-        k = tasks.num_tasks
-        a = x.reshape(k, -1, module.in_features)
-        g = gy.reshape(k, -1, module.out_features)
-        out["weight"] = torch.bmm(g.transpose(1, 2), a)
-    else:
-        out["weight"] = torch.stack([
-            g.reshape(-1, module.out_features).T @ a.reshape(-1, module.in_features)
-            for a, g in zip(tasks.split(x), tasks.split(gy))])
-    if module.bias is not None:
-        out["bias"] = tasks.sum_per_task(gy.reshape(gy.shape[0], -1, module.out_features).sum(1))
-    return out
+def _linear(module, x, gy, tasks, out):
+    k = tasks.num_tasks
+    if "weight" in out:
+        if tasks.equal_segments():  # one batched matmul over (K, samples per task · tokens)
+            torch.bmm(gy.reshape(k, -1, module.out_features).transpose(1, 2),
+                      x.reshape(k, -1, module.in_features), out=out["weight"])
+        else:
+            for task, (a, g) in enumerate(zip(tasks.split(x), tasks.split(gy))):
+                torch.mm(g.reshape(-1, module.out_features).T, a.reshape(-1, module.in_features),
+                         out=out["weight"][task])
+    if "bias" in out:
+        tasks.sum_per_task(gy.reshape(gy.shape[0], -1, module.out_features).sum(1), out["bias"])
 
 
 def _conv_weight_fn(module):
@@ -110,73 +109,53 @@ def _conv_weight_fn(module):
             3: torch.nn.grad.conv3d_weight}[len(module.kernel_size)]
 
 
-def _conv(module, x, gy, tasks):
-    weight_grad = _conv_weight_fn(module)
-    out = {}
-    grads = []
-    for a, g in zip(tasks.split(x), tasks.split(gy)):
-        if a.shape[0] == 0:
-            grads.append(torch.zeros_like(module.weight, dtype=gy.dtype))
-        else:
-            grads.append(weight_grad(a, module.weight.shape, g, module.stride, module.padding,
-                                     module.dilation, module.groups))
-    out["weight"] = torch.stack(grads)
-    if module.bias is not None:
-        out["bias"] = tasks.sum_per_task(gy.reshape(gy.shape[0], gy.shape[1], -1).sum(-1))
-    return out
+def _conv(module, x, gy, tasks, out):
+    if "weight" in out:
+        weight_grad = _conv_weight_fn(module)
+        for grad, a, g in zip(out["weight"], tasks.split(x), tasks.split(gy)):
+            if a.shape[0] == 0:
+                grad.zero_()
+            else:
+                grad.copy_(weight_grad(a, module.weight.shape, g, module.stride, module.padding,
+                                       module.dilation, module.groups))
+    if "bias" in out:
+        tasks.sum_per_task(gy.reshape(gy.shape[0], gy.shape[1], -1).sum(-1), out["bias"])
 
 
 def _conv_supported(module):
     return module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
-def _norm_affine(module, x, gy, tasks, output, per_sample_sum, recompute):
-    """Per-task affine gradients of a norm layer ``y = x̂ · w + b``.
-
-    ``per_sample_sum`` reduces a (B, ...) tensor to (B, *w.shape). When every ``|w| ≥ 1e-3`` the
-    weight gradient comes from the output without re-normalising:
-    ``Σ gy · x̂ = (Σ gy · y − b Σ gy) / w``; otherwise ``x̂`` is recomputed from the input.
-    """
-    weight, bias = module.weight, module.bias
-    out = {}
-    grad_sum = per_sample_sum(gy)
-    if weight is not None:
-        w = weight.detach().to(gy.dtype)
-        if output is not None and bool(w.abs().min() >= 1e-3):
-            weighted = per_sample_sum(gy * output)
-            if bias is not None:
-                weighted = weighted - bias.detach().to(gy.dtype) * grad_sum
-            per_sample = weighted / w
-        else:
-            per_sample = per_sample_sum(gy * recompute())
-        out["weight"] = tasks.sum_per_task(per_sample)
-    if bias is not None:
-        out["bias"] = tasks.sum_per_task(grad_sum)
-    return out
+def _norm_affine(gy, tasks, out, x_hat, per_sample_sum):
+    """Per-task affine gradients of a norm layer ``y = x̂ · w + b`` (``x̂`` recomputed from
+    the input); ``per_sample_sum`` reduces a (B, ...) tensor to (B, *w.shape)."""
+    if "weight" in out:
+        tasks.sum_per_task(per_sample_sum(gy * x_hat()), out["weight"])
+    if "bias" in out:
+        tasks.sum_per_task(per_sample_sum(gy), out["bias"])
 
 
-def _layer_norm(module, x, gy, tasks, output=None):
+def _layer_norm(module, x, gy, tasks, out):
     shape = tuple(module.normalized_shape)
-    return _norm_affine(module, x, gy, tasks, output,
-                        lambda t: t.reshape(t.shape[0], -1, *shape).sum(1),
-                        lambda: F.layer_norm(x, shape, None, None, module.eps))
+    _norm_affine(gy, tasks, out, lambda: F.layer_norm(x, shape, None, None, module.eps),
+                 lambda t: t.reshape(t.shape[0], -1, *shape).sum(1))
 
 
-def _group_norm(module, x, gy, tasks, output=None):
-    return _norm_affine(module, x, gy, tasks, output,
-                        lambda t: t.reshape(t.shape[0], t.shape[1], -1).sum(-1),
-                        lambda: F.group_norm(x, module.num_groups, None, None, module.eps))
+def _group_norm(module, x, gy, tasks, out):
+    _norm_affine(gy, tasks, out, lambda: F.group_norm(x, module.num_groups, None, None, module.eps),
+                 lambda t: t.reshape(t.shape[0], t.shape[1], -1).sum(-1))
 
 
-def _embedding(module, indices, gy, tasks):
+def _embedding(module, indices, gy, tasks, out):
+    if "weight" not in out:
+        return
     num, dim = module.weight.shape
     per_token_task = tasks.group.view(-1, *([1] * (indices.dim() - 1))).expand_as(indices)
     flat = (per_token_task * num + indices).reshape(-1)
-    grad = gy.new_zeros((tasks.num_tasks * num, dim)).index_add_(0, flat, gy.reshape(-1, dim))
-    grad = grad.view(tasks.num_tasks, num, dim)
+    grad = out["weight"].zero_()
+    grad.view(-1, dim).index_add_(0, flat, gy.reshape(-1, dim))
     if module.padding_idx is not None:
         grad[:, module.padding_idx] = 0
-    return {"weight": grad}
 
 
 def _embedding_supported(module):
@@ -187,13 +166,13 @@ def _affine_supported(module):
     return getattr(module, "elementwise_affine", getattr(module, "affine", True))
 
 
-for _type, _handler, _supports, _wants_output in [
-    (nn.Linear, _linear, lambda m: True, False),
-    (nn.Conv1d, _conv, _conv_supported, False),
-    (nn.Conv2d, _conv, _conv_supported, False),
-    (nn.Conv3d, _conv, _conv_supported, False),
-    (nn.LayerNorm, _layer_norm, _affine_supported, True),
-    (nn.GroupNorm, _group_norm, _affine_supported, True),
-    (nn.Embedding, _embedding, _embedding_supported, False),
+for _type, _handler, _supports in [
+    (nn.Linear, _linear, lambda m: True),
+    (nn.Conv1d, _conv, _conv_supported),
+    (nn.Conv2d, _conv, _conv_supported),
+    (nn.Conv3d, _conv, _conv_supported),
+    (nn.LayerNorm, _layer_norm, _affine_supported),
+    (nn.GroupNorm, _group_norm, _affine_supported),
+    (nn.Embedding, _embedding, _embedding_supported),
 ]:
-    _HANDLERS.append((_type, _supports, _handler, _wants_output))
+    _HANDLERS.append((_type, _supports, _handler))

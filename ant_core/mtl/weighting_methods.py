@@ -191,16 +191,26 @@ class FAMO(_LossWeighting):
 
     Task logits ``ξ`` (buffer ``logits``), ``z = softmax(ξ)``, ``D_k = L_k − min_loss_k + ε``.
     ``backward`` writes the gradient of ``Σ_k z_k log D_k / c`` with ``c = Σ_j z_j / D_j``, i.e.
-    weights ``w_k = z_k / (c D_k)`` (sum 1). After ``optimizer.step()`` call
-    :meth:`update` with the losses recomputed (under ``torch.no_grad()``) on the same batch: it
-    sets ``δ_k = log D_k(before) − log D_k(after)``, the logit gradient ``J_softmax(ξ)ᵀ δ``, and
-    takes one Adam step (``lr``, betas (0.9, 0.999), eps 1e-8, L2 ``weight_decay`` added to the
-    gradient, as torch.optim.Adam) on ``ξ``; the Adam state lives in buffers (checkpointed).
+    weights ``w_k = z_k / (c D_k)`` (sum 1). The logit update needs the losses after the step:
+    ``δ_k = log D_k(before) − log D_k(after)``, the logit gradient ``J_softmax(ξ)ᵀ δ``, then one
+    Adam step (``lr``, betas (0.9, 0.999), eps 1e-8, L2 ``weight_decay`` added to the gradient,
+    as torch.optim.Adam) on ``ξ``; the Adam state lives in buffers (checkpointed).
+
+    ``reevaluate=True`` (default, the paper's algorithm): after ``optimizer.step()`` call
+    :meth:`update` with the losses recomputed (under ``torch.no_grad()``) on the same batch —
+    one extra forward pass per step (+30% step time in ``benchmarks/bench_mtl.py``).
+    ``reevaluate=False``: no extra forward; each ``backward`` first updates the logits with its
+    own losses as the "after" losses of the previous step (a new batch, so δ is noisier; with a
+    stratified sampler every task's loss is still an estimate over the same cluster).
     """
 
     def __init__(self, num_tasks, *, lr: float = 0.025, weight_decay: float = 1e-3,
-                 epsilon: float = 1e-8, min_losses=None, process_group=None):
+                 epsilon: float = 1e-8, min_losses=None, reevaluate: bool = True,
+                 process_group=None):
         super().__init__(num_tasks, process_group=process_group)
+        if not isinstance(reevaluate, bool):
+            raise TypeError(f"reevaluate must be a bool, got {type(reevaluate).__name__}")
+        self.reevaluate = reevaluate
         self.lr, self.weight_decay, self.epsilon = float(lr), float(weight_decay), float(epsilon)
         mins = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses)
         if mins.shape != (num_tasks,):
@@ -217,6 +227,8 @@ class FAMO(_LossWeighting):
         return global_losses - self.min_losses.to(global_losses.device) + self.epsilon
 
     def _weights(self, global_losses, scale):
+        if not self.reevaluate and not torch.isnan(self.previous_losses).any():
+            self._step_logits(global_losses)
         shifted = self._shifted(global_losses)
         z = torch.softmax(self.logits.to(shifted.device), dim=0)
         c = (z / shifted).sum()
@@ -226,6 +238,9 @@ class FAMO(_LossWeighting):
     @torch.no_grad()
     def update(self, new_losses, *, task_counts=None, group=None):
         """Update the logits from the losses after the step (same batch); returns ``δ``."""
+        if not self.reevaluate:
+            raise RuntimeError("FAMO(reevaluate=False) updates its logits in backward; "
+                               "do not call update")
         new_losses = self._check_losses(new_losses)
         if torch.isnan(self.previous_losses).any():
             raise RuntimeError("FAMO.update called before backward")
@@ -233,7 +248,13 @@ class FAMO(_LossWeighting):
             task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
         shares = distributed.task_shares(self.num_tasks, task_counts, new_losses.device,
                                          self.process_group)
-        new = distributed.global_losses(new_losses, shares, self.process_group)
+        delta = self._step_logits(distributed.global_losses(new_losses, shares,
+                                                            self.process_group))
+        self.previous_losses.fill_(float("nan"))
+        return delta
+
+    def _step_logits(self, new):
+        """One Adam step on the logits from ``previous_losses`` → ``new``; returns ``δ``."""
         delta = (torch.log(self._shifted(self.previous_losses.to(new.device)))
                  - torch.log(self._shifted(new))).to(self.logits.device)
         z = torch.softmax(self.logits, dim=0)
@@ -244,5 +265,4 @@ class FAMO(_LossWeighting):
         self.adam_exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
         denom = (self.adam_exp_avg_sq / (1 - 0.999 ** step)).sqrt() + 1e-8
         self.logits.sub_(self.lr * (self.adam_exp_avg / (1 - 0.9 ** step)) / denom)
-        self.previous_losses.fill_(float("nan"))
         return delta
