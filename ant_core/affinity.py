@@ -14,6 +14,15 @@ matrix; memory is O(M d) instead of the reference's O(T P):
   the cosines come from its Gram matrix. Memory: the M x d sketches, one gradient, and one
   int32 hash code per parameter (the sketch's cache). ``exact=True`` keeps the full M x P
   gradients instead (small models, tests).
+* **Batching over timesteps.** With the default loss, ``timesteps_per_pass`` grid timesteps share
+  one forward and one backward: the batch is repeated once per timestep and the per-timestep
+  gradients are split from that single backward by
+  :class:`ant_core.mtl.OneBackwardEngine` (each timestep is a task; samples must not interact,
+  as in every diffusion network — BatchNorm in eval mode is fine). ``"auto"``: on a GPU, up to
+  256 samples and 1 GiB of per-timestep gradients per pass (small batches leave a GPU idle); on
+  a CPU one timestep per pass, as packing bought 0.94–1.11x there for 2–13x the memory
+  (``benchmarks/bench_affinity.py``). 1 runs one backward per timestep (the only mode for a
+  custom ``loss_fn``, which returns one scalar).
 * **Averaging.** Per checkpoint, the gradient of each timestep is averaged over the batches
   (the same images and the same noise for every timestep) and the cosine is taken of these
   averaged gradients; the cosine matrices are then averaged over the checkpoints. Averaging the
@@ -79,13 +88,18 @@ def expand_grid(grid: np.ndarray, T: int, interpolation: str = "constant",
     return A
 
 
-def diffusion_loss(diffusion):
+def diffusion_loss(diffusion, reduction: str = "mean"):
     """The default loss: mean squared error of the diffusion's prediction target (eps / v / x0)
-    with the noise given; ``loss(model, x0, t, y, noise)``."""
+    with the noise given; ``loss(model, x0, t, y, noise)`` (a scalar, or per-sample (B,) with
+    ``reduction="none"``)."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
     def loss(model, x0, t, y, noise):
         x_t = diffusion.q_sample(x0, t, noise)
         out = model(x_t, t) if y is None else model(x_t, t, y)
-        return (out.float() - diffusion.target(x0, noise, t).float()).pow(2).mean()
+        err = (out.float() - diffusion.target(x0, noise, t).float()).pow(2)
+        return err.mean() if reduction == "mean" else err.flatten(1).mean(1)
     return loss
 
 
@@ -189,7 +203,8 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
                       M: int | None = None, d: int = 4096, exact: bool = False,
                       batches: int = 1, batch_size: int = 16, timesteps: str = "center",
                       interpolation: str = "constant", seed: int = 0, ema: bool = True,
-                      model=None, device=None, progress: bool = False) -> AffinityResult:
+                      timesteps_per_pass="auto", model=None, device=None,
+                      progress: bool = False) -> AffinityResult:
     """Estimate the T x T gradient task affinity (see the module docstring for the maths).
 
     Args:
@@ -207,6 +222,8 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         T: number of timesteps (default ``diffusion.T``). M: grid size, 1 <= M <= T (default
             min(T, 100)). d: sketch dimension (ignored with ``exact=True``).
         ema: use the EMA weights of checkpoints. seed: noise, random timesteps and the sketch.
+        timesteps_per_pass: grid timesteps per forward/backward (an int >= 1 or ``"auto"``;
+            see the module docstring); the result does not depend on it beyond rounding.
     """
     files, cfg = None, None
     if isinstance(models, (str, Path)) or (isinstance(models, (list, tuple)) and models
@@ -254,10 +271,11 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
     batches = _check_int("batches", batches, 1)
     if timesteps not in ("center", "random"):
         raise ValueError(f"timesteps must be 'center' or 'random', got {timesteps!r}")
+    base = None
     if loss_fn is None:
         if diffusion is None:
             raise ValueError("diffusion: needed for the default loss (or pass loss_fn)")
-        base = diffusion_loss(diffusion)
+        base = diffusion_loss(diffusion, reduction="none")
     device = torch.device(device) if device is not None else params0[0].device
     data_batches = _batches(data, batches, batch_size, seed, device)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -269,14 +287,18 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         rng = np.random.default_rng([int(seed), 1])
         t_of = lo + np.floor(rng.random((batches, M)) * (hi - lo)).astype(np.int64)
 
+    numel0 = sum(p.numel() for p in params0)
+    group_size = _timesteps_per_pass(timesteps_per_pass, loss_fn, M,
+                                     max(x.shape[0] for x, _ in data_batches), numel0, device)
+    chunks = [list(range(s, min(s + group_size, M))) for s in range(0, M, group_size)]
     total = np.zeros((M, M))
-    iterator = [(c, m) for c in range(len(models)) for m in range(M)]
+    iterator = [(c, chunk) for c in range(len(models)) for chunk in chunks]
     if progress:
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="affinity", leave=False)
-    rows, sketch = None, None
-    for c, m in iterator:
-        if m == 0:
+    rows, sketch, engine = None, None, None
+    for c, chunk in iterator:
+        if chunk[0] == 0:
             mod = models[c]
             if not isinstance(mod, nn.Module):  # a checkpoint file, loaded when its turn comes
                 mod, _ = _load_one(mod, ema, device)
@@ -288,29 +310,31 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
             else:
                 sketch = CountSketch([p.numel() for p in params], d, seed=seed)
                 rows = torch.zeros(M, d, dtype=torch.float32, device=device)
+            if group_size > 1:
+                from .mtl import OneBackwardEngine
+                engine = OneBackwardEngine(mod)
         conditional = bool(getattr(mod, "num_classes", None))
         for b, (x, y) in enumerate(data_batches):
             y = y if conditional else None
-            t = torch.full((x.shape[0],), int(t_of[b, m]), dtype=torch.long, device=device)
-            if loss_fn is None:
-                loss = base(mod, x, t, y, noises[b])
+            ts = [int(t_of[b, m]) for m in chunk]
+            if engine is None:
+                grads_of = (_gradients_one(mod, params, base, loss_fn, x, y, noises[b], t)
+                            for t in ts)
             else:
-                loss = loss_fn(mod, x, t) if y is None else loss_fn(mod, x, t, y)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar tensor")
-            grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-            if exact:
-                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                  for g, p in zip(grads, params)])
-                rows[m].add_(flat.float(), alpha=1.0 / batches)
-            else:
-                sketch.apply(grads, out=rows[m], scale=1.0 / batches)
-            del grads, loss
-        if m == M - 1:
+                grads_of = _gradients_batched(mod, params, engine, base, x, y, noises[b], ts)
+            for m, grads in zip(chunk, grads_of):
+                if exact:
+                    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                      for g, p in zip(grads, params)])
+                    rows[m].add_(flat.float(), alpha=1.0 / batches)
+                else:
+                    sketch.apply(grads, out=rows[m], scale=1.0 / batches)
+            del grads_of
+        if chunk[-1] == M - 1:
             gram = torch.zeros(M, M, dtype=torch.float64, device=rows.device)
             for start in range(0, rows.shape[1], 1 << 16):  # float64 Gram, chunked over P
-                chunk = rows[:, start:start + (1 << 16)].double()
-                gram += chunk @ chunk.T
+                block = rows[:, start:start + (1 << 16)].double()
+                gram += block @ block.T
             gram = gram.cpu().numpy()
             norm = np.sqrt(np.clip(np.diag(gram), 0, None))
             if np.any(norm == 0):
@@ -321,6 +345,9 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
             np.fill_diagonal(cos, 1.0)
             total += cos
             rows = None
+            if engine is not None:
+                engine.remove()
+                engine = None
             if files is not None:
                 models[c] = files[c]  # drop the loaded model
     grid = total / len(models)
@@ -330,6 +357,7 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         "T": T, "M": M, "d": None if exact else d, "exact": bool(exact), "batches": batches,
         "batch_size": int(data_batches[0][0].shape[0]), "seed": int(seed),
         "timesteps": timesteps, "interpolation": interpolation,
+        "timesteps_per_pass": group_size,
         "num_checkpoints": len(models), "ema": bool(ema),
         "checkpoints": None if files is None else [str(f) for f in files],
         "model": type(mod).__name__,
@@ -342,6 +370,43 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         meta["model"] = cfg.get("model", meta["model"])
     ts = centers if timesteps == "center" else np.full(M, -1)
     return AffinityResult(matrix=matrix, grid=grid, timesteps=ts, metadata=meta)
+
+
+def _timesteps_per_pass(value, loss_fn, M, batch_size, numel, device):
+    if value == "auto":
+        if loss_fn is not None or device.type == "cpu":
+            return 1
+        return max(1, min(M, 256 // batch_size, (1 << 30) // (4 * numel)))
+    value = _check_int("timesteps_per_pass", value, 1)
+    if value > 1 and loss_fn is not None:
+        raise ValueError("timesteps_per_pass > 1 needs the default loss (a custom loss_fn "
+                         "returns one scalar per batch); use 1 or 'auto'")
+    return min(value, M)
+
+
+def _gradients_one(mod, params, base, loss_fn, x, y, noise, t):
+    """Parameter gradients (None where unused) of one timestep's loss on one batch."""
+    t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    if loss_fn is None:
+        loss = base(mod, x, t, y, noise).mean()
+    else:
+        loss = loss_fn(mod, x, t) if y is None else loss_fn(mod, x, t, y)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor")
+    return torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+
+
+def _gradients_batched(mod, params, engine, base, x, y, noise, ts):
+    """Per-timestep gradients of the timesteps ``ts`` from one forward and one backward."""
+    G, B = len(ts), x.shape[0]
+    repeat = lambda v: v.repeat(G, *([1] * (v.dim() - 1)))  # noqa: E731
+    t = torch.as_tensor(ts, dtype=torch.long, device=x.device).repeat_interleave(B)
+    group = torch.arange(G, device=x.device).repeat_interleave(B)
+    with engine.record():
+        per_sample = base(mod, repeat(x), t, None if y is None else repeat(y), repeat(noise))
+    task_grads = engine.task_gradients(per_sample.view(G, B).mean(1), params, group=group)
+    for g in range(G):
+        yield [None if grads is None else grads[g] for grads in task_grads]
 
 
 def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):

@@ -490,6 +490,9 @@ def _affinity_parser(sub):
     p.add_argument("--timesteps", default="center", choices=("center", "random"),
                    help="one timestep per bin: its middle (default) or random per batch")
     p.add_argument("--interpolation", default="constant", choices=("constant", "linear"))
+    p.add_argument("--timesteps-per-pass", default="auto", metavar="N|auto",
+                   help="grid timesteps sharing one forward/backward (default auto: packed on "
+                   "a GPU, 1 on a CPU)")
     p.add_argument("--last", type=int, default=None, help="use only the N newest checkpoints")
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights")
     p.add_argument("--seed", type=int, default=0)
@@ -501,6 +504,15 @@ def _affinity_parser(sub):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_affinity)
+
+
+def _int_or_auto(name, value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an int or 'auto', got {value!r}") from None
 
 
 def _cmd_affinity(args) -> int:
@@ -527,6 +539,7 @@ def _cmd_affinity(args) -> int:
         files, build_dataset(config), M=args.M, d=args.d, exact=args.exact,
         batches=args.batches, batch_size=args.batch_size, timesteps=args.timesteps,
         interpolation=args.interpolation, seed=args.seed, ema=not args.no_ema, device=device,
+        timesteps_per_pass=_int_or_auto("--timesteps-per-pass", args.timesteps_per_pass),
         progress=not args.no_progress)
     first = Path(args.checkpoints[0])
     run_dir = first if first.is_dir() else (

@@ -2,8 +2,11 @@
 
 For each model, in the same run and with the same loss (eps-MSE, fixed images and noise,
 linear schedule, T = 1000, one batch, M timesteps at the bins' middles):
-  sketch     ant_core.estimate_affinity(..., d=4096): each gradient CountSketched as produced,
-             cosines from the M x d Gram matrix (memory O(M d))
+  sketch     ant_core.estimate_affinity(..., d=4096, timesteps_per_pass=1): one backward per
+             timestep, each gradient CountSketched as produced, cosines from the M x d Gram
+             matrix (memory O(M d))
+  sketch-batched  the same with timesteps_per_pass="auto": several timesteps share one forward
+             and one backward (per-timestep gradients split by the one-backward engine)
   exact      ant_core.estimate_affinity(..., exact=True): M full gradients, one Gram matrix
   reference  the published script's approach: keep all M full gradients (a list of flattened
              parameter gradients, O(M P) memory), then a Python loop of pairwise cosines
@@ -42,7 +45,7 @@ def _rss_mb() -> float:
 def worker(method: str, preset: str, M: int, d: int, threads: int, out: str) -> None:
     import torch
 
-    from ant_core.affinity import estimate_affinity, timestep_grid
+    from ant_core.affinity import diffusion_loss, estimate_affinity, timestep_grid
     from ant_core.diffusion import GaussianDiffusion
     from ant_core.models import count_parameters, create_model
 
@@ -54,18 +57,23 @@ def worker(method: str, preset: str, M: int, d: int, threads: int, out: str) -> 
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     diffusion = GaussianDiffusion("linear", 1000)
-    gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(batch, 3, image_size, image_size, generator=gen).clamp(-1, 1)
-    noise = torch.randn(x0.shape, generator=gen)
+    x0 = torch.randn(batch, 3, image_size, image_size,
+                     generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    # estimate_affinity's noise for seed=0: one randn per batch from a generator seeded 0
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    mse = diffusion_loss(diffusion)
 
     def loss_fn(m, x, t):
-        return (m(diffusion.q_sample(x, t, noise), t) - noise).pow(2).mean()
+        return mse(m, x, t, None, noise)
 
     base = _rss_mb()
     start = time.perf_counter()
-    if method in ("sketch", "exact"):
-        grid = estimate_affinity(model, [x0], loss_fn=loss_fn, T=1000, M=M, d=d,
-                                 exact=method == "exact").grid
+    if method != "reference":
+        grid = estimate_affinity(model, [x0], diffusion=diffusion, M=M, d=d, seed=0,
+                                 exact=method == "exact",
+                                 timesteps_per_pass="auto" if method == "sketch-batched" else 1)
+        per_pass = grid.metadata["timesteps_per_pass"]
+        grid = grid.grid
     else:  # the reference approach
         lo, hi = timestep_grid(1000, M)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -82,7 +90,8 @@ def worker(method: str, preset: str, M: int, d: int, threads: int, out: str) -> 
     seconds = time.perf_counter() - start
     np.save(out, grid)
     print(json.dumps({"seconds": seconds, "peak_mb": _rss_mb() - base,
-                      "parameters": count_parameters(model)}))
+                      "parameters": count_parameters(model),
+                      "per_pass": per_pass if method != "reference" else 1}))
 
 
 def run_method(method, preset, M, d, threads, tmp):
@@ -115,12 +124,14 @@ def main(argv=None):
                                                else list(CASES))
     print(f"# bench_affinity: M={args.M}, d={args.d}, T=1000, threads={args.threads}, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
-    header = ("| model | params | method | time (s) | peak memory (MB) | max |cos - ref| |")
+    header = ("| model | params | method | timesteps per pass | time (s) | peak memory (MB) "
+              "| max |cos - ref| |")
     print(header)
-    print("|" + "---|" * 6)
+    print("|" + "---|" * 7)
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
-            results = {"sketch": run_method("sketch", preset, args.M, args.d, args.threads, tmp)}
+            results = {m: run_method(m, preset, args.M, args.d, args.threads, tmp)
+                       for m in ("sketch", "sketch-batched")}
             P = results["sketch"]["parameters"]
             full_gb = args.M * P * 4 / 2**30
             methods = ["exact", "reference"] if full_gb <= args.max_full_gb else []
@@ -131,8 +142,10 @@ def main(argv=None):
             ref = results.get("reference")
             for m, r in results.items():
                 err = "–" if ref is None else f"{np.abs(r['grid'] - ref['grid']).max():.4f}"
-                print(f"| {preset} | {P / 1e6:.2f} M | {m} | {r['seconds']:.2f} | "
-                      f"{r['peak_mb']:.0f} | {err} |")
+                print(f"| {preset} | {P / 1e6:.2f} M | {m} | {r['per_pass']} | "
+                      f"{r['seconds']:.2f} | {r['peak_mb']:.0f} | {err} |")
+            print(f"#   {preset}: sketch / sketch-batched time "
+                  f"{results['sketch']['seconds'] / results['sketch-batched']['seconds']:.2f}x")
             if ref is not None:
                 s = results["sketch"]
                 print(f"#   {preset}: reference / sketch: time "

@@ -194,6 +194,40 @@ def test_random_timesteps_with_one_timestep_per_bin_equal_the_centers():
     assert b.timesteps.tolist() == [-1] * 6
 
 
+@pytest.mark.parametrize("kind", ["dit", "unet", "dit-conditional"])
+def test_timesteps_per_pass_does_not_change_the_result(kind):
+    """Several timesteps per forward/backward (split by the one-backward engine) give the
+    one-timestep-per-backward result: exact and sketched, random timesteps, uneven chunks
+    (M = 7 in chunks of 3), two batches, two checkpoints, labels for a conditional model."""
+    diffusion = GaussianDiffusion("cosine", 40)
+    if kind == "unet":
+        torch.manual_seed(0)
+        models = [create_model("unet", image_size=8, base_channels=8, channel_mult=(1, 2),
+                               num_res_blocks=1, attention_resolutions=(4,), num_groups=4,
+                               num_heads=2)
+                  for _ in range(2)]
+        data = fixed_batches(2)
+    else:
+        extra = {"num_classes": 3} if kind == "dit-conditional" else {}
+        models = [small_model(0, **extra), small_model(1, **extra)]
+        labels = torch.tensor([0, 1, 2, 0, 1, 2])
+        data = [(x, labels) for x in fixed_batches(2)] if extra else fixed_batches(2)
+    results = {}
+    for per_pass in (1, 3, 7):
+        for exact in (True, False):
+            results[per_pass, exact] = estimate_affinity(
+                [copy.deepcopy(m) for m in models], data, diffusion=diffusion, M=7,
+                exact=exact, d=512, batches=2, timesteps="random", seed=5,
+                timesteps_per_pass=per_pass)
+    assert results[3, True].metadata["timesteps_per_pass"] == 3
+    assert results[7, True].metadata["timesteps_per_pass"] == 7
+    assert np.abs(results[1, True].grid).min() < 0.95  # not vacuous
+    for exact in (True, False):
+        for per_pass in (3, 7):
+            np.testing.assert_allclose(results[per_pass, exact].grid, results[1, exact].grid,
+                                       atol=2e-5)
+
+
 def test_default_diffusion_loss_on_a_dataset():
     diffusion = GaussianDiffusion("cosine", 40, prediction="v")
     dataset = ProceduralShapes(16, 8, seed=0)
@@ -265,6 +299,12 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(tmp_path):
         estimate_affinity(model, batches, loss_fn=loss_fn, M=4)
     with pytest.raises(ValueError, match="timesteps"):
         estimate_affinity(model, batches, M=4, timesteps="middle", **kw)
+    with pytest.raises(ValueError, match="timesteps_per_pass"):
+        estimate_affinity(model, batches, M=4, timesteps_per_pass=0, **kw)
+    with pytest.raises(ValueError, match="timesteps_per_pass > 1 needs the default loss"):
+        estimate_affinity(model, batches, M=4, timesteps_per_pass=2, **kw)
+    auto = estimate_affinity(model, batches, M=4, diffusion=GaussianDiffusion("linear", 50))
+    assert auto.metadata["timesteps_per_pass"] == 1  # on a CPU (see the module docstring)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -277,7 +317,8 @@ def test_cli_end_to_end(tmp_path, capsys):
                       out=str(run), num_samples=4, sample_steps=2, progress=False))
     out = tmp_path / "aff" / "A.npy"
     args = ["affinity", str(run), "--M", "5", "--d", "512", "--batches", "2", "--batch-size",
-            "6", "--out", str(out), "--k", "3", "--no-progress", "--threads", "1"]
+            "6", "--out", str(out), "--k", "3", "--no-progress", "--threads", "1",
+            "--timesteps-per-pass", "3"]
     png = tmp_path / "A.png"
     if has_matplotlib():
         args += ["--plot", str(png)]
@@ -286,7 +327,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert A.shape == (20, 20) and meta["T"] == 20 and meta["M"] == 5 and meta["d"] == 512
     assert meta["num_checkpoints"] == 2 and meta["schedule"] == "linear" and meta["ema"]
-    assert len(meta["grid_timesteps"]) == 5
+    assert len(meta["grid_timesteps"]) == 5 and meta["timesteps_per_pass"] == 3
     np.testing.assert_array_equal(A, A.T)
     if has_matplotlib():
         assert png.stat().st_size > 0
@@ -338,6 +379,18 @@ def test_checkpoints_use_ema_weights_and_load_lazily(trained_run):
         np.testing.assert_allclose(by_path.grid, by_module.grid, atol=1e-6)
         assert by_path.metadata["T"] == 100 and by_path.metadata["ema"] == ema
         assert by_path.metadata["checkpoints"] == [str(f) for f in files]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_packs_timesteps_on_a_gpu():
+    model = small_model(0).cuda()
+    diffusion = GaussianDiffusion("linear", 50)
+    data = fixed_batches(2)
+    packed = estimate_affinity(model, data, diffusion=diffusion, M=10, exact=True, batches=2)
+    single = estimate_affinity(model, data, diffusion=diffusion, M=10, exact=True, batches=2,
+                               timesteps_per_pass=1)
+    assert packed.metadata["timesteps_per_pass"] == 10
+    np.testing.assert_allclose(packed.grid, single.grid, atol=2e-5)
 
 
 def test_class_conditional_models_get_labels():
