@@ -47,7 +47,7 @@ from torch import nn
 from .sketch import CountSketch
 
 __all__ = ["estimate_affinity", "AffinityResult", "timestep_grid", "load_models",
-           "diffusion_loss", "expand_grid", "plot_affinity"]
+           "diffusion_loss", "expand_grid"]
 
 
 def _check_int(name, value, minimum):
@@ -407,53 +407,3 @@ def _gradients_batched(mod, params, engine, base, x, y, noise, ts):
     task_grads = engine.task_gradients(per_sample.view(G, B).mean(1), params, group=group)
     for g in range(G):
         yield [None if grads is None else grads[g] for grads in task_grads]
-
-
-def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
-    """Heatmap of a T x T affinity over timestep (and over log-SNR when given), with the
-    intervals of ``clusters`` (an IntervalClusters) outlined on the diagonal. Needs matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-    except ImportError:
-        raise ImportError("plotting needs matplotlib (pip install matplotlib)") from None
-    A = np.asarray(matrix, dtype=np.float64)
-    T = A.shape[0]
-    panels = 1 if log_snr is None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
-    ax = axes[0, 0]
-    im = ax.imshow(A, origin="lower", cmap="viridis", vmin=min(A.min(), 0.0), vmax=1.0,
-                   extent=(-0.5, T - 0.5, -0.5, T - 0.5))
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("timestep t")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    if clusters is not None:
-        for s, e in clusters.bounds:
-            ax.add_patch(Rectangle((s - 0.5, s - 0.5), e - s, e - s, fill=False, ec="red",
-                                   lw=1.2))
-    if log_snr is not None:
-        ax2 = axes[0, 1]
-        ls = np.asarray(log_snr, dtype=np.float64)
-        if ls.shape != (T,):
-            raise ValueError(f"log_snr must have shape ({T},), got {ls.shape}")
-        mid = (ls[1:] + ls[:-1]) / 2 if T > 1 else ls[:0]
-        first = ls[0] - (mid[0] - ls[0]) if T > 1 else ls[0] - 0.5
-        last = ls[-1] + (ls[-1] - mid[-1]) if T > 1 else ls[0] + 0.5
-        edges = np.concatenate([[first], mid, [last]])  # cell edges of each timestep
-        mesh = ax2.pcolormesh(edges, edges, A, cmap="viridis", vmin=min(A.min(), 0.0),
-                              vmax=1.0, shading="flat")
-        ax2.set_xlabel("log-SNR")
-        ax2.set_ylabel("log-SNR")
-        fig.colorbar(mesh, ax=ax2, fraction=0.046)
-        if clusters is not None:
-            for s, e in clusters.bounds:
-                x0, x1 = sorted((edges[s], edges[e]))
-                ax2.add_patch(Rectangle((x0, x0), x1 - x0, x1 - x0, fill=False, ec="red",
-                                        lw=1.2))
-    fig.suptitle(title or "gradient task affinity (cosine)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -86,7 +86,8 @@ def _cmd_cluster(args) -> int:
     else:
         print(_table(clusters, log_snr))
     if args.plot:
-        _plot(clusters, log_snr, args.plot)
+        from .visualize import plot_clusters
+        plot_clusters(clusters, log_snr, args.plot)
         if not args.json:
             print(f"plot written to {args.plot}")
     return 0
@@ -107,30 +108,6 @@ def _table(c: IntervalClusters, log_snr) -> str:
     rows += ["", "optimal cost by k: " + ", ".join(
         f"{k}: {v:.6g}" for k, v in enumerate(c.costs_by_k, start=1))]
     return "\n".join(rows)
-
-
-def _plot(c: IntervalClusters, log_snr, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("ant: error: --plot needs matplotlib (pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    t = np.arange(c.T)
-    y = log_snr if log_snr is not None else t
-    colors = plt.get_cmap("tab10")
-    for i, (s, e) in enumerate(c.bounds):
-        ax.plot(t[s:e], y[s:e], color=colors(i % 10), lw=2.5, label=f"[{s}, {e})")
-        ax.axvline(s, color="0.6", lw=0.8, ls="--")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("log-SNR" if log_snr is not None else "t")
-    ax.set_title(f"interval clustering: k={c.k}, objective={c.objective}")
-    ax.legend(fontsize=7, ncol=min(c.k, 5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- ant train
@@ -399,6 +376,7 @@ def _cmd_demo(args) -> int:
     from .data import ProceduralShapes
     from .metrics import evaluate
     from .trainer import TrainConfig, Trainer
+    from .visualize import has_matplotlib, plot_clusters
 
     start = time.perf_counter()
     if args.threads:
@@ -435,8 +413,8 @@ def _cmd_demo(args) -> int:
     if result["stopped_by"]:
         _print_train_result(result)
         return 0
-    if _matplotlib_available():
-        _plot(clusters, log_snr, str(out / "clusters.png"))
+    if has_matplotlib():
+        plot_clusters(clusters, log_snr, str(out / "clusters.png"))
         files["clusters_plot"] = str(out / "clusters.png")
     # 3. samples + 4. metrics against held-out images (another seed of the generator)
     samples = trainer.last_samples
@@ -520,7 +498,8 @@ def _cmd_affinity(args) -> int:
 
     import torch
 
-    from .affinity import _checkpoint_files, estimate_affinity, plot_affinity
+    from .affinity import _checkpoint_files, estimate_affinity
+    from .visualize import plot_affinity
     from .checkpoint import load_checkpoint
     from .train_config import TrainConfig
     from .trainer import build_dataset
@@ -560,14 +539,6 @@ def _cmd_affinity(args) -> int:
                       title=f"task affinity, {config.model}, T={config.T}")
         print(f"plot written to {args.plot} (k={k}: {list(clusters.bounds)})")
     return 0
-
-
-def _matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

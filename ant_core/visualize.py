@@ -1,8 +1,9 @@
-"""Pictures of a training run: sample grids as PNG and training curves.
+"""Pictures: sample grids as PNG, training curves, interval clusterings, affinity heatmaps.
 
 PNG files are written with Pillow when it is installed, else by a small built-in writer (zlib +
-the PNG chunk format), so a grid can always be saved with only torch and numpy. The curve plots
-need matplotlib and are skipped (return None) without it.
+the PNG chunk format), so a grid can always be saved with only numpy. The plots need matplotlib:
+the training curves are skipped without it (an empty dict), the other plots raise ImportError.
+Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["image_grid", "write_png", "save_image_grid", "read_metrics", "plot_training_curves",
-           "has_matplotlib"]
+           "plot_clusters", "plot_affinity", "has_matplotlib"]
 
 
 def image_grid(images, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
@@ -126,6 +127,17 @@ def has_matplotlib() -> bool:
     return True
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or ImportError saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_training_curves(metrics_path, out_dir) -> dict:
     """From a metrics JSONL log write ``cluster_losses.png`` (per-cluster loss over steps) and
     ``task_weights.png`` (MTL task weights over steps) into ``out_dir``. Returns
@@ -133,10 +145,7 @@ def plot_training_curves(metrics_path, out_dir) -> dict:
     records = [r for r in read_metrics(metrics_path) if "cluster_losses" in r]
     if not records or not has_matplotlib():
         return {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     steps = np.array([r["step"] for r in records])
     out_dir = Path(out_dir)
@@ -163,3 +172,70 @@ def plot_training_curves(metrics_path, out_dir) -> dict:
         plt.close(fig)
         written[key] = path
     return written
+
+
+def plot_clusters(c, log_snr, path) -> Path:
+    """The intervals of an :class:`~ant_core.IntervalClusters` drawn over timestep (and
+    log-SNR when given). Needs matplotlib."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    t = np.arange(c.T)
+    y = log_snr if log_snr is not None else t
+    colors = plt.get_cmap("tab10")
+    for i, (s, e) in enumerate(c.bounds):
+        ax.plot(t[s:e], y[s:e], color=colors(i % 10), lw=2.5, label=f"[{s}, {e})")
+        ax.axvline(s, color="0.6", lw=0.8, ls="--")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("log-SNR" if log_snr is not None else "t")
+    ax.set_title(f"interval clustering: k={c.k}, objective={c.objective}")
+    ax.legend(fontsize=7, ncol=min(c.k, 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
+    """Heatmap of a T x T affinity over timestep (and over log-SNR when given), with the
+    intervals of ``clusters`` (an IntervalClusters) outlined on the diagonal. Needs matplotlib."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    A = np.asarray(matrix, dtype=np.float64)
+    T = A.shape[0]
+    panels = 1 if log_snr is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
+    ax = axes[0, 0]
+    im = ax.imshow(A, origin="lower", cmap="viridis", vmin=min(A.min(), 0.0), vmax=1.0,
+                   extent=(-0.5, T - 0.5, -0.5, T - 0.5))
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("timestep t")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if clusters is not None:
+        for s, e in clusters.bounds:
+            ax.add_patch(Rectangle((s - 0.5, s - 0.5), e - s, e - s, fill=False, ec="red",
+                                   lw=1.2))
+    if log_snr is not None:
+        ax2 = axes[0, 1]
+        ls = np.asarray(log_snr, dtype=np.float64)
+        if ls.shape != (T,):
+            raise ValueError(f"log_snr must have shape ({T},), got {ls.shape}")
+        mid = (ls[1:] + ls[:-1]) / 2 if T > 1 else ls[:0]
+        first = ls[0] - (mid[0] - ls[0]) if T > 1 else ls[0] - 0.5
+        last = ls[-1] + (ls[-1] - mid[-1]) if T > 1 else ls[0] + 0.5
+        edges = np.concatenate([[first], mid, [last]])  # cell edges of each timestep
+        mesh = ax2.pcolormesh(edges, edges, A, cmap="viridis", vmin=min(A.min(), 0.0),
+                              vmax=1.0, shading="flat")
+        ax2.set_xlabel("log-SNR")
+        ax2.set_ylabel("log-SNR")
+        fig.colorbar(mesh, ax=ax2, fraction=0.046)
+        if clusters is not None:
+            for s, e in clusters.bounds:
+                x0, x1 = sorted((edges[s], edges[e]))
+                ax2.add_patch(Rectangle((x0, x0), x1 - x0, x1 - x0, fill=False, ec="red",
+                                        lw=1.2))
+    fig.suptitle(title or "gradient task affinity (cosine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -420,7 +420,7 @@ def test_linear_interpolation_and_saving(tmp_path):
     meta = json.loads(side.read_text())
     assert meta["interpolation"] == "linear" and meta["grid_timesteps"] == centers.tolist()
     if has_matplotlib():
-        from ant_core.affinity import plot_affinity
+        from ant_core.visualize import plot_affinity
         from ant_core.schedules import get_schedule
 
         clusters = interval_clustering(3, "affinity", affinity=r.matrix)
