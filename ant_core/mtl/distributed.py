@@ -32,6 +32,9 @@ def all_reduce_sum(tensors, process_group=None):
     for tensor in tensors:
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
+        if len(group) == 1 and group[0].is_contiguous():  # e.g. a TaskGradients buffer
+            dist.all_reduce(group[0], op=dist.ReduceOp.SUM, group=process_group)
+            continue
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
         offset = 0
