@@ -1,7 +1,7 @@
 """Does ANT improve sample quality? A small-scale, multi-seed reproduction of the paper's claim.
 
     python benchmarks/quality.py --preset cpu|cpu-long|gpu|smoke [--seeds N] [--configs a,b,...]
-                                 [--out DIR] [--device cpu|cuda] [--threads N] [--jobs N]
+                                 [--k K] [--out DIR] [--device cpu|cuda] [--threads N] [--jobs N]
 
 Grid: every configuration in ``quality_presets.CONFIGS`` (vanilla, Min-SNR-5, ANT-UW with the
 timestep / log-SNR / affinity objectives, ANT-Nash-MTL and ANT-PCGrad on log-SNR clusters,
@@ -60,6 +60,7 @@ GPU preset (not run here): designed for ~8 minutes on one H100 from rough launch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per run (default: the preset's; 0 leaves torch's "
                    "default)")
+    p.add_argument("--k", type=int, default=None,
+                   help="number of clusters of the ANT configurations (default: the preset's, 5)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each in its own worker process (default 1; e.g. 2 "
                    "with --threads 1 on a 2-core CPU machine)")
@@ -464,6 +467,11 @@ def parse_args(argv=None):
     if args.preset not in PRESETS:
         parser.error(f"--preset: unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
     preset = PRESETS[args.preset]
+    if args.k is not None:
+        if args.k < 1 or args.k > preset.T:
+            parser.error(f"--k: must be in [1, {preset.T}], got {args.k}")
+        if args.k != preset.k:
+            preset = dataclasses.replace(preset, k=args.k)
     if args.configs == "all":
         configs = list(CONFIGS)
     else:
@@ -493,7 +501,9 @@ def parse_args(argv=None):
                      f"{args.run!r}")
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
-    out = Path(args.out or f"runs/quality-{preset.name}")
+    default_k = PRESETS[args.preset].k
+    out = Path(args.out or f"runs/quality-{preset.name}"
+               + ("" if preset.k == default_k else f"-k{preset.k}"))
     return preset, configs, list(range(args.seeds)), out, device, threads, args
 
 
@@ -535,7 +545,7 @@ def main(argv=None) -> int:
     def worker_command(name, seed):
         return [sys.executable, str(Path(__file__).resolve()), "--preset", preset.name,
                 "--out", str(out), "--device", device, "--threads", str(threads),
-                "--run", f"{name}:{seed}"]
+                "--k", str(preset.k), "--run", f"{name}:{seed}"]
     if "uw_affinity" in configs:
         try:
             importlib.import_module("ant_core.affinity")

@@ -222,6 +222,22 @@ def test_every_config_trains_in_smoke(tmp_path, capsys):
             assert f"{label}: insufficient seeds" in printed  # one seed: no interval, said so
 
 
+def test_k_override_reaches_the_runs_and_the_workers(tmp_path, capsys):
+    """--k changes the ANT configurations' cluster count (also in --jobs worker processes),
+    names the default output folder after it, and is refused outside [1, T]."""
+    preset, *_, out, _, _, _ = quality.parse_args(["--preset", "smoke", "--k", "3"])
+    assert preset.k == 3 and preset.name == "smoke" and str(out).endswith("quality-smoke-k3")
+    out = tmp_path / "k3"
+    assert quality.main(["--preset", "smoke", "--seeds", "1", "--k", "3", "--jobs", "2",
+                         "--configs", "vanilla,uw_log_snr", "--out", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["preset"]["k"] == 3
+    assert summary["configs"]["uw_log_snr"]["train_config"]["k"] == 3
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--preset", "smoke", "--k", "0"])
+    assert "--k" in capsys.readouterr().err
+
+
 def test_presets_build_valid_configs(tmp_path):
     for preset in quality.PRESETS.values():
         assert list(preset.eval_steps) == sorted(set(preset.eval_steps))
