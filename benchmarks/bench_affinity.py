@@ -5,13 +5,15 @@ linear schedule, T = 1000, one batch, M timesteps at the bins' middles):
   sketch     ant_core.estimate_affinity(..., d=4096, timesteps_per_pass=1): one backward per
              timestep, each gradient CountSketched as produced, cosines from the M x d Gram
              matrix (memory O(M d))
-  sketch-batched  the same with timesteps_per_pass="auto": several timesteps share one forward
-             and one backward (per-timestep gradients split by the one-backward engine)
+  sketch-batched  the same with as many timesteps per forward/backward as "auto" packs on a
+             GPU (also on a CPU, where "auto" itself picks 1); the per-timestep gradients
+             are split by the one-backward engine
   exact      ant_core.estimate_affinity(..., exact=True): M full gradients, one Gram matrix
   reference  the published script's approach: keep all M full gradients (a list of flattened
              parameter gradients, O(M P) memory), then a Python loop of pairwise cosines
 Each method runs in its own subprocess; the table shows its wall time and its peak resident
-memory above the process's memory after building the model (``ru_maxrss``), the ratios
+memory above the process's memory after building the model (``ru_maxrss``; on a GPU
+``torch.cuda.max_memory_allocated``), the ratios
 reference / sketch, and the largest |cosine difference| of sketch and exact against reference.
 
     python benchmarks/bench_affinity.py --quick        (dit-tiny only, < 2 minutes)
@@ -42,10 +44,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def worker(method: str, preset: str, M: int, d: int, threads: int, out: str) -> None:
+def worker(method: str, preset: str, M: int, d: int, threads: int, out: str,
+           device: str) -> None:
     import torch
 
-    from ant_core.affinity import diffusion_loss, estimate_affinity, timestep_grid
+    from ant_core.affinity import (_timesteps_per_pass, diffusion_loss, estimate_affinity,
+                                   timestep_grid)
     from ant_core.diffusion import GaussianDiffusion
     from ant_core.models import count_parameters, create_model
 
@@ -56,22 +60,35 @@ def worker(method: str, preset: str, M: int, d: int, threads: int, out: str) -> 
     with torch.no_grad():  # adaLN-zero: make every layer receive gradient
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    model.to(device)
     diffusion = GaussianDiffusion("linear", 1000)
     x0 = torch.randn(batch, 3, image_size, image_size,
-                     generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
-    # estimate_affinity's noise for seed=0: one randn per batch from a generator seeded 0
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(1)).clamp(-1, 1).to(device)
+    # estimate_affinity's noise for seed=0: one CPU randn per batch from a generator seeded 0
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    cuda = device.startswith("cuda")
+
+    def peak_mb():
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _rss_mb()
     mse = diffusion_loss(diffusion)
 
     def loss_fn(m, x, t):
         return mse(m, x, t, None, noise)
 
-    base = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = peak_mb()
     start = time.perf_counter()
     if method != "reference":
+        per_pass = 1
+        if method == "sketch-batched":  # what "auto" packs on a GPU
+            per_pass = _timesteps_per_pass("auto", None, M, batch, count_parameters(model),
+                                           torch.device("cuda"))
         grid = estimate_affinity(model, [x0], diffusion=diffusion, M=M, d=d, seed=0,
-                                 exact=method == "exact",
-                                 timesteps_per_pass="auto" if method == "sketch-batched" else 1)
+                                 exact=method == "exact", timesteps_per_pass=per_pass)
         per_pass = grid.metadata["timesteps_per_pass"]
         grid = grid.grid
     else:  # the reference approach
@@ -80,24 +97,26 @@ def worker(method: str, preset: str, M: int, d: int, threads: int, out: str) -> 
         grads = []
         for t in (lo + hi - 1) // 2:
             model.zero_grad()
-            loss_fn(model, x0, torch.full((batch,), int(t))).backward()
+            loss_fn(model, x0, torch.full((batch,), int(t), device=device)).backward()
             grads.append(torch.cat([p.grad.reshape(-1).clone() for p in params]))
         grid = np.ones((M, M))
         for i in range(M):
             for j in range(i + 1, M):
                 grid[i, j] = grid[j, i] = float(
                     torch.nn.functional.cosine_similarity(grads[i], grads[j], dim=0))
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     np.save(out, grid)
-    print(json.dumps({"seconds": seconds, "peak_mb": _rss_mb() - base,
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb() - base,
                       "parameters": count_parameters(model),
                       "per_pass": per_pass if method != "reference" else 1}))
 
 
-def run_method(method, preset, M, d, threads, tmp):
+def run_method(method, preset, M, d, threads, tmp, device):
     out = os.path.join(tmp, f"{preset}_{method}.npy")
     cmd = [sys.executable, __file__, "--worker", method, "--models", preset, "--M", str(M),
-           "--d", str(d), "--threads", str(threads), "--grid-out", out]
+           "--d", str(d), "--threads", str(threads), "--grid-out", out, "--device", device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} on {preset} failed:\n{proc.stderr}")
@@ -113,16 +132,20 @@ def main(argv=None):
     p.add_argument("--M", type=int, default=100)
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]; on a GPU the "
+                   "peak memory is torch.cuda.max_memory_allocated")
     p.add_argument("--max-full-gb", type=float, default=14.0,
                    help="skip the full-gradient methods when M x P x 4 bytes exceeds this")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--grid-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.models, args.M, args.d, args.threads, args.grid_out)
+        return worker(args.worker, args.models, args.M, args.d, args.threads, args.grid_out,
+                      args.device)
     presets = ["dit-tiny"] if args.quick else (args.models.split(",") if args.models
                                                else list(CASES))
-    print(f"# bench_affinity: M={args.M}, d={args.d}, T=1000, threads={args.threads}, "
+    print(f"# bench_affinity: M={args.M}, d={args.d}, T=1000, device={args.device}, "
+          f"threads={args.threads}, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
     header = ("| model | params | method | timesteps per pass | time (s) | peak memory (MB) "
               "| max |cos - ref| |")
@@ -130,7 +153,7 @@ def main(argv=None):
     print("|" + "---|" * 7)
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
-            results = {m: run_method(m, preset, args.M, args.d, args.threads, tmp)
+            results = {m: run_method(m, preset, args.M, args.d, args.threads, tmp, args.device)
                        for m in ("sketch", "sketch-batched")}
             P = results["sketch"]["parameters"]
             full_gb = args.M * P * 4 / 2**30
@@ -138,7 +161,7 @@ def main(argv=None):
             if preset == "dit-s" and methods:
                 methods = ["reference"]  # our exact mode needs the same M x P memory
             for m in methods:
-                results[m] = run_method(m, preset, args.M, args.d, args.threads, tmp)
+                results[m] = run_method(m, preset, args.M, args.d, args.threads, tmp, args.device)
             ref = results.get("reference")
             for m, r in results.items():
                 err = "–" if ref is None else f"{np.abs(r['grid'] - ref['grid']).max():.4f}"

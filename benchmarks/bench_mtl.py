@@ -1,4 +1,4 @@
-"""Step time of each MTL method relative to equal weighting (EW), per gradient engine, on CPU.
+"""Step time of each MTL method relative to equal weighting (EW), per gradient engine (CPU or GPU).
 
 The project's two small models (``unet-tiny`` and ``dit-tiny`` at 16 px), K = 5 timestep
 clusters, a stratified batch. A step is forward + grouped loss +
@@ -7,6 +7,7 @@ measured in the same run. Also times the Nash-MTL Newton solve for K = 5 and 32.
 
     python benchmarks/bench_mtl.py --quick      # < 3 minutes on 2 cores
     python benchmarks/bench_mtl.py --steps 30
+    python benchmarks/bench_mtl.py --device cuda --steps 30 --threads 4
 
 Reference points (ANT paper, LDM FFHQ on GPU): PCGrad 1.38x, Nash-MTL (every 25 steps) 1.05x,
 UW 1.00x vanilla.
@@ -26,22 +27,24 @@ from ant_core.models import create_model
 from ant_core.mtl.gradient_solvers import nash_mtl_weights
 
 K = 5
+CUDA = False
 
 
 def grouped_losses(pred, target, group):
     per_sample = (pred - target).pow(2).flatten(1).mean(1)
-    sums = torch.zeros(K, dtype=per_sample.dtype).index_add(0, group, per_sample)
+    sums = per_sample.new_zeros(K).index_add(0, group, per_sample)
     return sums / torch.bincount(group, minlength=K).clamp_min(1)
 
 
 def make_step(model, method, engine, batch):
     """A closure running one training step of ``method`` (None: vanilla mean loss)."""
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 16, 16)
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, 16, 16, device=device)
     target = torch.randn_like(x)
-    group = (torch.arange(batch) % K).sort().values
+    group = (torch.arange(batch, device=device) % K).sort().values
     width = 1000 // K  # K equal timestep intervals of [0, 1000)
-    t = group * width + torch.randint(0, width, (batch,))
+    t = group * width + torch.randint(0, width, (batch,), device=device)
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def step():
@@ -56,6 +59,8 @@ def make_step(model, method, engine, batch):
         if method is not None and method.method_name == "famo" and method.reevaluate:
             with torch.no_grad():
                 method.update(grouped_losses(model(x, t), target, group))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step
 
@@ -63,10 +68,12 @@ def make_step(model, method, engine, batch):
 def ratio_to(base_step, step, steps):
     """Median step time over the median base time, the two interleaved (robust to load).
 
-    With one intra-op thread the CPU time of this process is measured (``process_time``),
-    which other processes on a shared machine disturb much less than wall-clock time.
+    With one intra-op thread on a CPU the CPU time of this process is measured
+    (``process_time``), which other processes on a shared machine disturb much less than
+    wall-clock time; on a GPU (steps end with a synchronize) and with more threads, wall time.
     """
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    clock = time.process_time if torch.get_num_threads() == 1 and not CUDA else \
+        time.perf_counter
     for _ in range(2):
         base_step(), step()
     base_times, times = [], []
@@ -78,16 +85,16 @@ def ratio_to(base_step, step, steps):
     return statistics.median(times) / statistics.median(base_times), statistics.median(base_times)
 
 
-def run(steps, batch, quick):
+def run(steps, batch, quick, device):
     weighting = ["uw", "famo"] if quick else ["uw", "dwa", "rlw", "famo", "gradnorm"]
     gradient = ["pcgrad", "nashmtl", "mgda"] if quick else \
         ["pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl"]
     for name in ("unet-tiny", "dit-tiny"):
-        model = create_model(name, image_size=16)
+        model = create_model(name, image_size=16).to(device)
         params = sum(p.numel() for p in model.parameters())
         ew = make_step(model, mtl.create("ew", num_tasks=K), None, batch)
         vanilla, base = ratio_to(ew, make_step(model, None, None, batch), steps)
-        print(f"\n{name}: {params / 1e6:.2f}M params, batch {batch}, K={K}; "
+        print(f"\n{name} on {device}: {params / 1e6:.2f}M params, batch {batch}, K={K}; "
               f"EW step {base * 1e3:.1f} ms (vanilla {vanilla:.2f}x EW)")
         print(f"{'method':<22}{'engine':<17}{'x EW':>8}")
         rows = [(m, "-", {}) for m in weighting] + [("famo (no re-eval.)", "-",
@@ -122,20 +129,25 @@ def run(steps, batch, quick):
 
 
 def main():
-    global K
+    global K, CUDA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer methods and steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
     parser.add_argument("--batch", type=int, default=40, help="batch size")
     parser.add_argument("--k", type=int, default=K, help="number of clusters (tasks)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 keeps ratios stable on a shared machine)")
     args = parser.parse_args()
     if not 1 <= args.k <= args.batch:
         parser.error(f"--k must be in [1, --batch], got {args.k}")
     K = args.k
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    CUDA = device.type == "cuda"
     torch.set_num_threads(args.threads)
-    run(args.steps or (6 if args.quick else 20), args.batch, args.quick)
+    run(args.steps or (6 if args.quick else 20), args.batch, args.quick, device)
 
 
 if __name__ == "__main__":

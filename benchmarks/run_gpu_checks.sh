@@ -24,7 +24,8 @@ grep -c "nvcc" "$OUT/build.log" | sed 's/^/nvcc invocations: /'
 step CUDA tests
 # PYTEST_K narrows the selection, e.g. PYTEST_K="not bad_input" (see benchmarks/RESULTS.md).
 timeout 150 python3 -m pytest -q -p no:cacheprovider --maxfail=20 -k "${PYTEST_K:-}" \
-  tests/test_grouped_mse.py tests/test_clustering_batched.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+  tests/test_grouped_mse.py tests/test_clustering_batched.py tests/test_affinity.py::test_auto_packs_timesteps_on_a_gpu \
+  2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 
 step grouped-loss benchmark
 timeout 270 python3 benchmarks/bench_grouped_loss.py --device cuda --json "$OUT/bench_grouped_loss.json" \
@@ -32,6 +33,13 @@ timeout 270 python3 benchmarks/bench_grouped_loss.py --device cuda --json "$OUT/
 
 step batched DP benchmark
 timeout 60 python3 benchmarks/bench_dp.py --quick --json "$OUT/bench_dp.json" 2>&1 | tee "$OUT/bench_dp.txt"
+
+step MTL step-time benchmark
+timeout 150 python3 benchmarks/bench_mtl.py --device cuda --quick --steps 15 --threads 4 2>&1 | tee "$OUT/bench_mtl.txt"
+
+step affinity benchmark
+timeout 150 python3 benchmarks/bench_affinity.py --device cuda --quick 2>&1 | tee "$OUT/bench_affinity.txt"
+timeout 120 python3 benchmarks/bench_affinity.py --device cuda --models dit-s --max-full-gb 0 2>&1 | tee -a "$OUT/bench_affinity.txt"
 
 step compute-sanitizer memcheck
 [ "${SANITIZER_TIMEOUT:-90}" = 0 ] && { echo skipped; exit 0; }
