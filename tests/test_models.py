@@ -94,15 +94,19 @@ def test_overfits_fixed_batch(kind):
     assert loss.item() < first / 10, (first, loss.item())
 
 
-@pytest.mark.parametrize("kind,config", CONFIGS, ids=IDS)
-def test_per_sample_independence(kind, config):
+def _active_model(kind, **config):
+    """A seeded model whose zero-initialised layers are perturbed, so the whole net is active."""
     torch.manual_seed(0)
-    model = create_model(kind, num_classes=4, **config)
-    # perturb the zero-initialised layers so the whole network is active
+    model = create_model(kind, **config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("kind,config", CONFIGS, ids=IDS)
+def test_per_sample_independence(kind, config):
+    model = _active_model(kind, num_classes=4, **config).eval()
     x, t = _inputs(model, batch=4, seed=1)
     y = torch.tensor([0, 1, 2, 3])
     out = model(x, t, y)
@@ -136,11 +140,7 @@ def test_deterministic_init(name):
 
 @pytest.mark.parametrize("kind,config", [CONFIGS[0], CONFIGS[3]], ids=["unet", "dit"])
 def test_autocast_bf16(kind, config):
-    torch.manual_seed(0)
-    model = create_model(kind, num_classes=2, **config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _active_model(kind, num_classes=2, **config)
     x, t = _inputs(model)
     y = torch.tensor([0, 1, 2])
     ref = model(x, t, y)

@@ -339,8 +339,21 @@ void dispatch_pair(at::ScalarType pred_type, at::ScalarType target_type, F&& f) 
   });
 }
 
-int64_t grain_tiles(int64_t per_sample) {
-  return std::max<int64_t>(1, kGrainElements / std::min(per_sample, kChunk));
+int64_t chunks_per_sample(int64_t per_sample) { return (per_sample + kChunk - 1) / kChunk; }
+
+// Runs fn(tile, sample, offset, n) in parallel over the batch's tiles: sample-major pieces of at
+// most kChunk elements (tile = sample * chunks_per_sample + chunk) starting at element offset.
+template <typename F>
+void for_each_tile(int64_t batch, int64_t per_sample, const F& fn) {
+  const int64_t chunks = chunks_per_sample(per_sample);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::min(per_sample, kChunk));
+  at::parallel_for(0, batch * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t sample = tile / chunks;
+      const int64_t first = (tile % chunks) * kChunk;
+      fn(tile, sample, sample * per_sample + first, std::min(kChunk, per_sample - first));
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mse_cpu(
@@ -355,24 +368,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mse_cpu(
   const auto acc_type = accumulate_type(pred, target);
   const int64_t batch = pred.size(0);
   const int64_t per_sample = pred.numel() / batch;
-  const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
-  const int64_t tiles = batch * chunks;
+  const int64_t chunks = chunks_per_sample(per_sample);
 
-  std::vector<double> partial(static_cast<size_t>(tiles));
+  std::vector<double> partial(static_cast<size_t>(batch * chunks));
   dispatch_pair(pred.scalar_type(), target.scalar_type(), [&](auto tp_tag, auto tt_tag) {
     using TP = typename decltype(tp_tag)::type;
     using TT = typename decltype(tt_tag)::type;
     using Acc = AccType<TP, TT>;
     const TP* p = pred.data_ptr<TP>();
     const TT* t = target.data_ptr<TT>();
-    at::parallel_for(0, tiles, grain_tiles(per_sample), [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t sample = tile / chunks;
-        const int64_t first = (tile % chunks) * kChunk;
-        const int64_t n = std::min(kChunk, per_sample - first);
-        const int64_t offset = sample * per_sample + first;
-        partial[tile] = tile_square_sum<TP, TT, Acc>(p + offset, t + offset, n);
-      }
+    for_each_tile(batch, per_sample, [&](int64_t tile, int64_t, int64_t offset, int64_t n) {
+      partial[tile] = tile_square_sum<TP, TT, Acc>(p + offset, t + offset, n);
     });
   });
 
@@ -463,8 +469,6 @@ std::tuple<at::Tensor, at::Tensor> grouped_mse_backward_cpu(
   at::Tensor grad_pred = at::empty(pred.sizes(), pred.options());
   at::Tensor grad_target = need_grad_target ? at::empty(target.sizes(), target.options())
                                             : at::empty({0}, target.options());
-  const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
-  const int64_t tiles = batch * chunks;
   dispatch_pair(pred.scalar_type(), target.scalar_type(), [&](auto tp_tag, auto tt_tag) {
     using TP = typename decltype(tp_tag)::type;
     using TT = typename decltype(tt_tag)::type;
@@ -473,16 +477,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_mse_backward_cpu(
     const TT* t = target.data_ptr<TT>();
     TP* gp = grad_pred.data_ptr<TP>();
     TT* gt = need_grad_target ? grad_target.data_ptr<TT>() : nullptr;
-    at::parallel_for(0, tiles, grain_tiles(per_sample), [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t sample = tile / chunks;
-        const int64_t first = (tile % chunks) * kChunk;
-        const int64_t n = std::min(kChunk, per_sample - first);
-        const int64_t offset = sample * per_sample + first;
-        tile_backward<TP, TT, Acc>(p + offset, t + offset, gp + offset,
-                                   gt != nullptr ? gt + offset : nullptr, n,
-                                   static_cast<Acc>(coef[sample]));
-      }
+    for_each_tile(batch, per_sample, [&](int64_t, int64_t sample, int64_t offset, int64_t n) {
+      tile_backward<TP, TT, Acc>(p + offset, t + offset, gp + offset,
+                                 gt != nullptr ? gt + offset : nullptr, n,
+                                 static_cast<Acc>(coef[sample]));
     });
   });
   return {grad_pred, grad_target};
