@@ -1,6 +1,6 @@
 """Does ANT improve sample quality? A small-scale, multi-seed reproduction of the paper's claim.
 
-    python benchmarks/quality.py --preset cpu|cpu-long|gpu|smoke [--seeds N] [--configs a,b,...]
+    python benchmarks/quality.py --preset cpu|cpu-long|cpu-wide|gpu|smoke [--seeds N] [--configs a,b,...]
                                  [--k K] [--out DIR] [--device cpu|cuda] [--threads N] [--jobs N]
 
 Grid: every configuration in ``quality_presets.CONFIGS`` (vanilla, Min-SNR-5, ANT-UW with the
