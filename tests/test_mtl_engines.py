@@ -296,6 +296,11 @@ def test_task_gradients_mixed_dtypes():
     assert len(fast.buffers) == 2
     expected = sum(g.reshape(3, -1).double() @ g.reshape(3, -1).double().T for g in fast)
     torch.testing.assert_close(fast.gramian(), expected, rtol=1e-5, atol=0)
+    coeffs = torch.tensor([0.25, -0.5, 1.0], dtype=torch.float64)
+    for p, g, combined in zip(params, fast, fast.combine(coeffs)):
+        assert combined.dtype == p.dtype and combined.shape == p.shape
+        torch.testing.assert_close(combined.double(), torch.tensordot(coeffs, g.double(), dims=1),
+                                   rtol=1e-2, atol=1e-2)
 
 
 class _Scale(nn.Module):
