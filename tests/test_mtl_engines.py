@@ -191,10 +191,18 @@ def test_refuses_batch_norm_and_inplace_outputs():
         engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()))
     with pytest.raises(TypeError, match="model"):
         OneBackwardEngine("model")
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).double()
+    engine = OneBackwardEngine(model)
+    for bad in ([0, 1, 2, 1], [0, -1, 0, 1]):  # ids outside [0, K) with K = 2
+        with engine.record():
+            out = model(torch.randn(4, 3, dtype=torch.float64)).squeeze(1)
+        losses = torch.stack([out[:2].mean(), out[2:].mean()])
+        with pytest.raises(ValueError, match="group ids must lie in \\[0, 2\\)"):
+            engine.task_gradients(losses, list(model.parameters()), group=torch.tensor(bad))
 
 
 def test_norm_layers_with_zero_scale_recompute():
-    """A zero affine scale makes x̂ unrecoverable from the output: the input path is used."""
+    """A zero affine scale (x̂ unrecoverable from the output): x̂ comes from the input."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(12, 6),
                           nn.LayerNorm(6), nn.Linear(6, 1))

@@ -29,14 +29,18 @@ class TaskSegments:
     def __init__(self, group: torch.Tensor, num_tasks: int):
         if group.dim() != 1 or group.dtype not in (torch.int64, torch.int32):
             raise ValueError("group must be a 1-D integer tensor of task ids")
-        if group.numel() and (int(group.min()) < 0 or int(group.max()) >= num_tasks):
-            raise ValueError(f"group ids must lie in [0, {num_tasks})")
         self.group = group.long()
         self.num_tasks = num_tasks
         self.batch_size = group.numel()
-        counts = torch.bincount(self.group, minlength=num_tasks).tolist()
-        is_sorted = bool(torch.all(self.group[1:] >= self.group[:-1])) if self.batch_size else True
-        self.order = None if is_sorted else torch.argsort(self.group, stable=True)
+        # one host sync for everything: [in range, sorted, counts of tasks 0..K-1]
+        ids = self.group.clamp(0, num_tasks - 1)
+        summary = torch.cat([
+            torch.stack([torch.all(ids == self.group), torch.all(ids[1:] >= ids[:-1])]).long(),
+            torch.bincount(ids, minlength=num_tasks)]).tolist()
+        if not summary[0]:
+            raise ValueError(f"group ids must lie in [0, {num_tasks})")
+        counts = summary[2:]
+        self.order = None if summary[1] else torch.argsort(self.group, stable=True)
         starts = [0]
         for c in counts[:-1]:
             starts.append(starts[-1] + c)
