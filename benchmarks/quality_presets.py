@@ -90,8 +90,8 @@ PRESETS["cpu-long"] = replace(
 #: the cpu preset with a larger DiT (hidden 192, depth 6: 4.2 M parameters vs 0.73 M)
 PRESETS["cpu-wide"] = replace(
     PRESETS["cpu"], name="cpu-wide", description="the cpu preset with a larger DiT (hidden 192, "
-    "depth 6, 4.2 M parameters): does ANT need capacity to show? About 8 minutes per run on "
-    "one core", model="dit", model_config={"patch_size": 4, "hidden_size": 192, "depth": 6,
+    "depth 6, 4.2 M parameters): does ANT need capacity to show? 5-8 minutes per run on one "
+    "core", model="dit", model_config={"patch_size": 4, "hidden_size": 192, "depth": 6,
                                           "num_heads": 6})
 
 
