@@ -118,6 +118,7 @@ class TaskGradients(Sequence):
         buffer."""
         coeffs = torch.as_tensor(coeffs)
         flats = {key: b.new_empty(b.numel() // self.num_tasks) for key, b in self.buffers.items()}
+        weights = {key: coeffs.to(flat) for key, flat in flats.items()}  # one copy per buffer
         out = []
         for i, ((key, offset, numel), shape) in enumerate(zip(self._where, self._shapes)):
             if not self._used[i]:
@@ -125,7 +126,7 @@ class TaskGradients(Sequence):
                 continue
             start = offset // self.num_tasks
             flat = flats[key][start: start + numel]
-            torch.mv(self._block(i).view(self.num_tasks, -1).T, coeffs.to(flat), out=flat)
+            torch.mv(self._block(i).view(self.num_tasks, -1).T, weights[key], out=flat)
             out.append(flat.view(shape))
         return out
 
@@ -309,11 +310,10 @@ class OneBackwardEngine:
         usable = [r for r in usable if r[0] not in rejected]
         owned = {id(p) for module, _, _ in usable for p in module.parameters(recurse=False)}
         fallback = [i for i, p in enumerate(params) if id(p) not in owned]
-        self.fallback_parameters = [params[i] for i in fallback]
+        fallback_params = self.fallback_parameters = [params[i] for i in fallback]
         if not records and params:
             warnings.warn("OneBackwardEngine recorded nothing: run the forward inside "
                           "engine.record(); using K backward passes", RuntimeWarning, stacklevel=4)
-        fallback_params = [params[i] for i in fallback]
         if out is None:
             out, indices = TaskGradients(fallback_params, losses.numel()), None
         else:

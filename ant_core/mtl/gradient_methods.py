@@ -55,10 +55,34 @@ class _GradientMethod(MTLMethod):
         gramian = grads.gramian().to(losses.device) / scale.double() ** 2
         return params, grads, gramian.cpu().numpy(), scale
 
+    def _reducer(self):
+        """The in-place SUM all-reduce of a tensor list under DDP, None in one process."""
+        if distributed.world_size(self.process_group) == 1:
+            return None
+        return lambda tensors: distributed.all_reduce_sum(tensors, self.process_group)
+
     def _reduced(self, grads):
-        if distributed.world_size(self.process_group) > 1:
-            grads.reduce(lambda ts: distributed.all_reduce_sum(ts, self.process_group))
+        reduce = self._reducer()
+        if reduce is not None:
+            grads.reduce(reduce)
         return grads
+
+    def _coefficients(self, gramian, grad_scaler):
+        """``(coeffs, finite)``: the method's coefficients for a finite Gramian (float64
+        numpy); equal weights for a non-finite one, with a warning unless a GradScaler is
+        about to skip the step."""
+        if np.all(np.isfinite(gramian)):
+            return self._post_scale(self._solve(gramian), gramian), True
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            warn_non_finite(self.method_name)
+        return np.full(self.num_tasks, 1.0 / self.num_tasks), False
+
+    def _returned(self, coeffs, finite, device):
+        """What ``backward`` returns: ``coeffs`` as float32, or NaN when the Gramian was not
+        finite."""
+        if not finite:
+            return torch.full((self.num_tasks,), float("nan"), device=device)
+        return torch.as_tensor(coeffs, dtype=torch.float32, device=device)
 
     @staticmethod
     def _write(params, grads, coeffs):
@@ -78,44 +102,30 @@ class _GradientMethod(MTLMethod):
             gramian += grads.gramian().cpu()
             del grads
         gramian = (gramian / scale.double().cpu() ** 2).numpy()
-        finite = bool(np.all(np.isfinite(gramian)))
-        if not finite and (grad_scaler is None or not grad_scaler.is_enabled()):
-            warn_non_finite(self.method_name)
-        coeffs = self._post_scale(self._solve(gramian), gramian) if finite else \
-            np.full(self.num_tasks, 1.0 / self.num_tasks)
+        coeffs, finite = self._coefficients(gramian, grad_scaler)
         self._weighted_backward(losses, params, torch.as_tensor(coeffs, device=losses.device),
                                 shares, scale)
-        if not finite:
-            return torch.full((self.num_tasks,), float("nan"), device=losses.device)
-        return torch.as_tensor(coeffs, dtype=torch.float32, device=losses.device)
+        return self._returned(coeffs, finite, losses.device)
 
     def _backward_lean(self, losses, shared_parameters, task_counts, group, grad_scaler):
         """One-backward engine path: Gramian layer by layer, then one combined weight pass."""
         losses, params, shares, scale = self._prepare(losses, shared_parameters, task_counts,
                                                       group, grad_scaler)
         scaled = losses * (shares * scale.double()).to(losses.dtype)
-        distributed_run = distributed.world_size(self.process_group) > 1
-        reduce = (lambda ts: distributed.all_reduce_sum(ts, self.process_group)) \
-            if distributed_run else None
+        reduce = self._reducer()
         gramian, write = self.engine.gramian_and_writer(scaled, params, group=group,
                                                         reduce=reduce)
         gramian = (gramian.cpu() / scale.double().cpu() ** 2).numpy()
-        finite = bool(np.all(np.isfinite(gramian)))
-        if not finite and (grad_scaler is None or not grad_scaler.is_enabled()):
-            warn_non_finite(self.method_name)
-        coeffs = self._post_scale(self._solve(gramian), gramian) if finite else \
-            np.full(self.num_tasks, 1.0 / self.num_tasks)
+        coeffs, finite = self._coefficients(gramian, grad_scaler)
         combined = write(torch.as_tensor(coeffs, dtype=torch.float64))
-        if distributed_run:
+        if reduce is not None:
             combined = [torch.zeros_like(p) if g is None else g
                         for p, g in zip(params, combined)]
-            distributed.all_reduce_sum(combined, self.process_group)
+            reduce(combined)
         for p, g in zip(params, combined):
             if g is not None:
                 _add_grad(p, g, owned=True)
-        if not finite:
-            return torch.full((self.num_tasks,), float("nan"), device=losses.device)
-        return torch.as_tensor(coeffs, dtype=torch.float32, device=losses.device)
+        return self._returned(coeffs, finite, losses.device)
 
     def backward(self, losses, shared_parameters, *, task_counts=None, group=None,
                  grad_scaler=None):
@@ -129,15 +139,9 @@ class _GradientMethod(MTLMethod):
         params, grads, gramian, _ = self.task_gradients(
             losses, shared_parameters, task_counts=task_counts, group=group,
             grad_scaler=grad_scaler)
-        if not np.all(np.isfinite(gramian)):
-            if grad_scaler is None or not grad_scaler.is_enabled():
-                warn_non_finite(self.method_name)
-            coeffs = np.full(self.num_tasks, 1.0 / self.num_tasks)
-            self._write(params, grads, coeffs)
-            return torch.full((self.num_tasks,), float("nan"), device=losses.device)
-        coeffs = self._post_scale(self._solve(gramian), gramian)
+        coeffs, finite = self._coefficients(gramian, grad_scaler)
         self._write(params, grads, coeffs)
-        return torch.as_tensor(coeffs, dtype=torch.float32, device=losses.device)
+        return self._returned(coeffs, finite, losses.device)
 
 
 @register("pcgrad")
