@@ -36,6 +36,7 @@ matrix; memory is O(M d) instead of the reference's O(T P):
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,6 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
             if isinstance(m, dict):
                 if not isinstance(model, nn.Module):
                     raise ValueError("model: a template nn.Module is needed for state dicts")
-                import copy
                 m_ = copy.deepcopy(model)
                 m_.load_state_dict(m)
                 m = m_
@@ -308,7 +308,9 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
             if exact:
                 rows = torch.zeros(M, numel, dtype=torch.float32, device=device)
             else:
-                sketch = CountSketch([p.numel() for p in params], d, seed=seed)
+                numels = [p.numel() for p in params]
+                if sketch is None or sketch.numels != numels:  # keeps its hash-code cache
+                    sketch = CountSketch(numels, d, seed=seed)
                 rows = torch.zeros(M, d, dtype=torch.float32, device=device)
             if group_size > 1:
                 from .mtl import OneBackwardEngine
