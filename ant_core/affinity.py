@@ -47,7 +47,7 @@ from torch import nn
 
 from .sketch import CountSketch
 
-__all__ = ["estimate_affinity", "AffinityResult", "timestep_grid", "load_models",
+__all__ = ["estimate_affinity", "AffinityResult", "timestep_grid",
            "diffusion_loss", "expand_grid"]
 
 
@@ -128,18 +128,6 @@ def _load_one(path, ema: bool, device):
     model = create_model(state["model_kind"], **state["model_config"])
     model.load_state_dict(state["ema"]["model"] if ema else state["model"])
     return model.to(device).requires_grad_(True), state["config"]
-
-
-def load_models(sources, ema: bool = True, device="cpu"):
-    """(models, configs, file names) of checkpoint files and/or run folders (every checkpoint
-    of a run folder, oldest first); ``ema`` picks the EMA weights."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    files = [f for s in sources for f in _checkpoint_files(s)]
-    if not files:
-        raise ValueError("checkpoints: no checkpoint given")
-    loaded = [_load_one(f, ema, device) for f in files]
-    return [m for m, _ in loaded], [c for _, c in loaded], [str(f) for f in files]
 
 
 @dataclass

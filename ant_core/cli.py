@@ -314,8 +314,7 @@ def _cmd_sample(args) -> int:
         if found is None:
             raise ValueError(f"no checkpoint found in {path} or {path / 'checkpoints'}")
         path = found
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
+    device = _device(args.device)
     model, diffusion, state = load_model_from_checkpoint(path, ema=not args.no_ema,
                                                          device=device)
     mc = state["model_config"]
@@ -484,6 +483,15 @@ def _affinity_parser(sub):
     p.set_defaults(func=_cmd_affinity)
 
 
+def _device(name: str) -> str:
+    """``--device``: "auto" is cuda when available, else cpu; anything else as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _int_or_auto(name, value):
     if value == "auto":
         return value
@@ -499,10 +507,10 @@ def _cmd_affinity(args) -> int:
     import torch
 
     from .affinity import _checkpoint_files, estimate_affinity
-    from .visualize import plot_affinity
     from .checkpoint import load_checkpoint
     from .train_config import TrainConfig
     from .trainer import build_dataset
+    from .visualize import plot_affinity
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -512,8 +520,7 @@ def _cmd_affinity(args) -> int:
             raise ValueError(f"--last must be >= 1, got {args.last}")
         files = files[-args.last:]
     config = TrainConfig.from_dict(load_checkpoint(files[-1])["config"])
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
+    device = _device(args.device)
     result = estimate_affinity(
         files, build_dataset(config), M=args.M, d=args.d, exact=args.exact,
         batches=args.batches, batch_size=args.batch_size, timesteps=args.timesteps,
