@@ -119,17 +119,6 @@ def _checkpoint_files(source) -> list:
     return [path]
 
 
-def _load_one(path, ema: bool, device):
-    """(model with grads enabled, checkpoint config) of one checkpoint file."""
-    from .checkpoint import load_checkpoint
-    from .models import create_model
-
-    state = load_checkpoint(path)
-    model = create_model(state["model_kind"], **state["model_config"])
-    model.load_state_dict(state["ema"]["model"] if ema else state["model"])
-    return model.to(device).requires_grad_(True), state["config"]
-
-
 @dataclass
 class AffinityResult:
     """``matrix`` (T x T), ``grid`` (M x M), the bins' ``timesteps`` (M; -1 for "random") and
@@ -219,11 +208,13 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
                                            and all(isinstance(m, (str, Path)) for m in models)):
         sources = [models] if isinstance(models, (str, Path)) else list(models)
         files = [f for s in sources for f in _checkpoint_files(s)]
-        first, cfg = _load_one(files[0], ema, device or "cpu")  # checked before any work
-        models = [first] + files[1:]  # the others are loaded one at a time, when used
+        from .checkpoint import load_model
+        # the first is checked before any work; the others are loaded one at a time, when used
+        first, ckpt_diffusion, state = load_model(files[0], ema, device or "cpu")
+        cfg = state["config"]
+        models = [first] + files[1:]
         if diffusion is None and loss_fn is None:
-            from .diffusion import GaussianDiffusion
-            diffusion = GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"])
+            diffusion = ckpt_diffusion
         if T is None:
             T = cfg["T"]
     elif isinstance(models, nn.Module):
@@ -289,7 +280,8 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         if chunk[0] == 0:
             mod = models[c]
             if not isinstance(mod, nn.Module):  # a checkpoint file, loaded when its turn comes
-                mod, _ = _load_one(mod, ema, device)
+                from .checkpoint import load_model
+                mod = load_model(mod, ema, device)[0]
             params = _trainable(mod, c)
             mod.to(device).eval()
             numel = sum(p.numel() for p in params)

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "list_checkpoints",
            "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "capture_rng_state",
-           "restore_rng_state", "FORMAT_VERSION"]
+           "restore_rng_state", "load_model", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -69,6 +69,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}, "
                               f"this ant-core reads version {FORMAT_VERSION}")
     return state
+
+
+def load_model(path, ema: bool = True, device="cpu"):
+    """``(model, diffusion, state)`` of a checkpoint file: the model (EMA weights unless
+    ``ema=False``) in eval mode on ``device``, its GaussianDiffusion, and the whole state."""
+    from .diffusion import GaussianDiffusion
+    from .models import create_model
+
+    state = load_checkpoint(path)
+    cfg = state["config"]
+    model = create_model(state["model_kind"], **state["model_config"])
+    model.load_state_dict(state["ema"]["model"] if ema else state["model"])
+    model.to(device).eval()
+    return model, GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"]), state
 
 
 def list_checkpoints(directory) -> list:

@@ -282,26 +282,12 @@ def _sample_parser(sub):
     p.set_defaults(func=_cmd_sample)
 
 
-def load_model_from_checkpoint(path, ema: bool = True, device="cpu"):
-    """(model in eval mode, GaussianDiffusion, checkpoint state) from a checkpoint file."""
-    from .checkpoint import load_checkpoint
-    from .diffusion import GaussianDiffusion
-    from .trainer import build_model
-
-    state = load_checkpoint(path)
-    cfg = state["config"]
-    model = build_model(state["model_kind"], state["model_config"])
-    model.load_state_dict(state["ema"]["model"] if ema else state["model"])
-    model.to(device).eval().requires_grad_(False)
-    return model, GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"]), state
-
-
 def _cmd_sample(args) -> int:
     from pathlib import Path
 
     import torch
 
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, load_model
     from .visualize import save_image_grid
 
     if args.threads:
@@ -315,8 +301,8 @@ def _cmd_sample(args) -> int:
             raise ValueError(f"no checkpoint found in {path} or {path / 'checkpoints'}")
         path = found
     device = _device(args.device)
-    model, diffusion, state = load_model_from_checkpoint(path, ema=not args.no_ema,
-                                                         device=device)
+    model, diffusion, state = load_model(path, ema=not args.no_ema, device=device)
+    model.requires_grad_(False)
     mc = state["model_config"]
     shape = (args.num, mc["in_channels"], mc["image_size"], mc["image_size"])
     y = None

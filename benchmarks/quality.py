@@ -184,18 +184,11 @@ class Benchmark:
         """FD / precision / recall of the EMA model in checkpoint ``path``."""
         import torch
 
-        from ant_core import checkpoint as ckpt
-        from ant_core.diffusion import GaussianDiffusion
+        from ant_core.checkpoint import load_model
         from ant_core.metrics import evaluate
-        from ant_core.models import create_model
 
         start = time.perf_counter()
-        state = ckpt.load_checkpoint(path)
-        cfg = state["config"]
-        model = create_model(state["model_kind"], **state["model_config"])
-        model.load_state_dict(state["ema"]["model"])
-        model = model.to(self.device).eval()
-        diffusion = GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"])
+        model, diffusion, state = load_model(path, ema=True, device=self.device)
         p = self.preset
         shape = (p.num_eval, model.in_channels, p.image_size, p.image_size)
         with torch.no_grad():
