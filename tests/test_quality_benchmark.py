@@ -1,5 +1,6 @@
 """benchmarks/quality.py: the smoke preset end to end, its statistics and its CLI errors."""
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -272,6 +273,12 @@ def test_other_settings_in_out_folder_refused(tmp_path):
     out = tmp_path / "q"
     quality.check_settings(out, quality.PRESETS["smoke"])
     quality.check_settings(out, quality.PRESETS["smoke"])  # same settings: fine
+    # the description and run defaults (device, threads, jobs) do not change a result
+    smoke = quality.PRESETS["smoke"]
+    quality.check_settings(out, dataclasses.replace(smoke, description="reworded",
+                                                    default_jobs=4, default_threads=3))
+    with pytest.raises(SystemExit, match="--out"):
+        quality.check_settings(out, dataclasses.replace(smoke, lr=smoke.lr * 2))
     with pytest.raises(SystemExit, match="--out"):
         quality.check_settings(out, quality.PRESETS["cpu"])
 
