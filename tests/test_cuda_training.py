@@ -82,6 +82,13 @@ def test_weighting_methods_on_cuda_equal_the_cpu(name):
     torch.testing.assert_close(results[1], results[0], rtol=1e-7, atol=1e-10)
 
 
+def test_negative_task_counts_on_cuda_poison_instead_of_syncing():
+    x = torch.nn.Parameter(torch.ones((), device="cuda"))
+    mtl.create("uw", num_tasks=2).to("cuda").backward(
+        torch.ones(2, device="cuda") * x, [x], task_counts=torch.tensor([3, -1], device="cuda"))
+    assert torch.isnan(x.grad).all()
+
+
 @pytest.mark.parametrize("overrides", [
     dict(method="uw"),
     dict(method="pcgrad", engine="one-backward", amp="bf16"),

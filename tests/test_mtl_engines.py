@@ -95,12 +95,15 @@ def _compare(model, make_input, group, num_tasks, fallback=()):
     engine.remove()
 
 
-@pytest.mark.parametrize("sorted_groups", [True, False])
-def test_conv_net(sorted_groups):
+@pytest.mark.parametrize("layout", ["sorted", "shuffled", "equal"])
+def test_conv_net(layout):
+    """Unequal tasks take the per-task path, equal sorted ones the grouped-convolution path."""
     torch.manual_seed(0)
     group = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
-    if not sorted_groups:
+    if layout == "shuffled":
         group = group[torch.randperm(8)]
+    elif layout == "equal":
+        group = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     _compare(ConvNet(), lambda: (torch.randn(8, 3, 6, 6, dtype=torch.float64),
                                  torch.randint(0, 10, (8,))), group, 4)
 

@@ -324,6 +324,8 @@ def test_bad_arguments():
         method.backward(torch.ones(2) * x, [])
     with pytest.raises(ValueError, match="task_counts"):
         method.backward(torch.ones(2) * x, [x], task_counts=torch.ones(3))
+    with pytest.raises(ValueError, match="task_counts must be non-negative"):
+        method.backward(torch.ones(2) * x, [x], task_counts=[3, -1])
     with pytest.raises(ValueError, match="update_weights_every"):
         mtl.create("nashmtl", num_tasks=2, update_weights_every=0)
     with pytest.raises(ValueError, match="engine"):

@@ -91,9 +91,12 @@ def _check_parameters(shared_parameters):
 
 def _add_grad(param, grad, owned=False):
     """Accumulate into ``param.grad``; ``owned``: ``grad`` is a fresh tensor we may keep."""
-    grad = grad.to(param.dtype)
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
+    if grad.requires_grad:
+        grad = grad.detach()
     if param.grad is None:
-        param.grad = grad.detach() if owned else grad.detach().clone()
+        param.grad = grad if owned else grad.clone()
     else:
         param.grad.add_(grad)
 

@@ -47,19 +47,26 @@ def all_reduce_sum(tensors, process_group=None):
 def task_shares(num_tasks, task_counts, device, process_group=None):
     """Per-task factor ``n_{k,r} / N_k`` of this rank (float64, shape (K,)); 0 where N_k = 0.
 
-    One all-reduce of K numbers when distributed and ``task_counts`` is given.
+    One all-reduce of K numbers when distributed and ``task_counts`` is given. Negative counts
+    raise ValueError when given on the CPU (a list, numpy array or CPU tensor); counts already
+    on a GPU are not read back (that would synchronise every step): a negative one makes
+    every share NaN instead, so the step's loss and weights are NaN.
     """
     size = world_size(process_group)
     if task_counts is None:
         return torch.full((num_tasks,), 1.0 / size, dtype=torch.float64, device=device)
-    counts = torch.as_tensor(task_counts, device=device).to(torch.float64)
+    counts = torch.as_tensor(task_counts)
     if counts.shape != (num_tasks,):
         raise ValueError(f"task_counts must have shape ({num_tasks},), got {tuple(counts.shape)}")
-    if torch.any(counts < 0):
+    if counts.device.type == "cpu" and torch.any(counts < 0):
         raise ValueError("task_counts must be non-negative")
+    counts = counts.to(device=device, dtype=torch.float64)
     total = counts.clone()
     all_reduce_sum([total], process_group)
-    return torch.where(total > 0, counts / total.clamp_min(1), torch.zeros_like(counts))
+    shares = torch.where(total > 0, counts / total.clamp_min(1), torch.zeros_like(counts))
+    if counts.device.type != "cpu":
+        shares = torch.where((counts < 0).any(), float("nan"), shares)
+    return shares
 
 
 def global_losses(losses, shares, process_group=None):

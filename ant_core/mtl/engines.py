@@ -34,12 +34,15 @@ __all__ = ["AutogradEngine", "OneBackwardEngine", "TaskGradients", "resolve_engi
 
 
 class TaskGradients(Sequence):
-    """The K task gradients of a parameter list, in one flat buffer per (dtype, device).
+    """The K task gradients of a parameter list, in one (K, n) matrix per (dtype, device).
 
-    ``tg[i]`` is parameter i's (K, *shape) gradient (a contiguous block of its buffer) or None
-    when no loss depends on it. ``storage`` (the ``buffers`` of an earlier instance) is reused
-    when the layout matches, so an earlier instance's blocks are overwritten: use a result
-    before asking its engine for the next one.
+    Task-major: row k of a matrix holds task k's gradients of all its parameters one after the
+    other, so the Gramian is one matmul per matrix and the combination one matrix-vector
+    product (not one per parameter: on a GPU every launch counts). ``tg[i]`` is parameter i's
+    (K, *shape) gradient (a view of some columns of a matrix; ``tg[i][k]`` is contiguous) or
+    None when no loss depends on it. ``storage`` (the ``buffers`` of an earlier instance) is
+    reused when the layout matches, so an earlier instance's blocks are overwritten: use a
+    result before asking its engine for the next one.
     """
 
     def __init__(self, params, num_tasks, storage=None):
@@ -50,18 +53,18 @@ class TaskGradients(Sequence):
             key = (p.dtype, p.device)
             offset = sizes.get(key, 0)
             self._where.append((key, offset, p.numel()))
-            sizes[key] = offset + num_tasks * p.numel()
-        if storage is not None and {k: b.numel() for k, b in storage.items()} == sizes:
+            sizes[key] = offset + p.numel()
+        shapes = {key: (num_tasks, n) for key, n in sizes.items()}
+        if storage is not None and {k: tuple(b.shape) for k, b in storage.items()} == shapes:
             self.buffers = storage
         else:
-            self.buffers = {key: torch.empty(n, dtype=key[0], device=key[1])
-                            for key, n in sizes.items()}
+            self.buffers = {key: torch.empty(shape, dtype=key[0], device=key[1])
+                            for key, shape in shapes.items()}
         self._used = [False] * len(params)
 
     def _block(self, i):
         key, offset, numel = self._where[i]
-        return self.buffers[key][offset: offset + self.num_tasks * numel].view(
-            self.num_tasks, *self._shapes[i])
+        return self.buffers[key][:, offset: offset + numel].view(self.num_tasks, *self._shapes[i])
 
     def __len__(self):
         return len(self._where)
@@ -103,32 +106,27 @@ class TaskGradients(Sequence):
         self._used = [True] * len(self._used)
 
     def gramian(self, reduce=None):
-        """(K, K) float64 Gramian ``G[a, b] = Σ_p <g_a, g_b>``.
+        """(K, K) float64 Gramian ``G[a, b] = Σ_p <g_a, g_b>`` (one matmul per buffer).
 
         With ``reduce``, the Gramian of ``reduce`` applied to a copy (the gradients stay local).
         """
-        blocks = [g for g in self if g is not None]
+        self._zero_unused()
+        matrices = list(self.buffers.values())
         if reduce is not None:
-            blocks = [g.clone() for g in blocks]
-            reduce(blocks)
-        return task_gramian(blocks, self.num_tasks)
+            matrices = [m.clone() for m in matrices]
+            reduce(matrices)
+        return task_gramian(matrices, self.num_tasks)
 
     def combine(self, coeffs):
-        """Per-parameter ``Σ_k c_k g_k`` (None where unused), views of one fresh vector per
-        buffer."""
+        """Per-parameter ``Σ_k c_k g_k`` (None where unused): views of one matrix-vector
+        product per buffer."""
         coeffs = torch.as_tensor(coeffs)
-        flats = {key: b.new_empty(b.numel() // self.num_tasks) for key, b in self.buffers.items()}
-        weights = {key: coeffs.to(flat) for key, flat in flats.items()}  # one copy per buffer
-        out = []
-        for i, ((key, offset, numel), shape) in enumerate(zip(self._where, self._shapes)):
-            if not self._used[i]:
-                out.append(None)
-                continue
-            start = offset // self.num_tasks
-            flat = flats[key][start: start + numel]
-            torch.mv(self._block(i).view(self.num_tasks, -1).T, weights[key], out=flat)
-            out.append(flat.view(shape))
-        return out
+        pieces = {}
+        for key, b in self.buffers.items():
+            numels = [numel for k, _, numel in self._where if k == key]  # in offset order
+            pieces[key] = iter(torch.mv(b.T, coeffs.to(b)).split(numels))
+        return [g.view(shape) if used else None for g, shape, used in
+                zip((next(pieces[key]) for key, _, _ in self._where), self._shapes, self._used)]
 
 
 def _autograd_task_gradients(losses, params, out, indices=None, retain_last=False):
@@ -327,8 +325,9 @@ class OneBackwardEngine:
         for (module, x, y), gy in zip(usable, output_grads):
             if gy is not None:
                 dtype = module_dtype(module)
-                items.append((module, x.to(dtype) if x.is_floating_point() else x,
-                              gy.to(dtype)))
+                if x.is_floating_point() and x.dtype != dtype:
+                    x = x.to(dtype)
+                items.append((module, x, gy if gy.dtype == dtype else gy.to(dtype)))
         return tasks, items, fallback, out
 
     def task_gradients(self, losses, parameters, *, group=None):

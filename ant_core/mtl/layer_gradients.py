@@ -95,9 +95,9 @@ def find_handler(module):
 
 
 def _linear(module, x, gy, tasks, out):
-    k = tasks.num_tasks
+    k, equal = tasks.num_tasks, tasks.equal_segments()
     if "weight" in out:
-        if tasks.equal_segments():  # one batched matmul over (K, samples per task · tokens)
+        if equal:  # one batched matmul over (K, samples per task · tokens)
             torch.bmm(gy.reshape(k, -1, module.out_features).transpose(1, 2),
                       x.reshape(k, -1, module.in_features), out=out["weight"])
         else:
@@ -105,23 +105,41 @@ def _linear(module, x, gy, tasks, out):
                 torch.mm(g.reshape(-1, module.out_features).T, a.reshape(-1, module.in_features),
                          out=out["weight"][task])
     if "bias" in out:
-        tasks.sum_per_task(gy.reshape(gy.shape[0], -1, module.out_features).sum(1), out["bias"])
+        if equal:
+            torch.sum(gy.reshape(k, -1, module.out_features), 1, out=out["bias"])
+        else:
+            tasks.sum_per_task(gy.reshape(gy.shape[0], -1, module.out_features).sum(1),
+                               out["bias"])
 
 
-def _conv_weight_fn(module):
-    return {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
-            3: torch.nn.grad.conv3d_weight}[len(module.kernel_size)]
+def _conv_weight(module, x, gy, num_groups, weight_shape):
+    """The weight gradient of ``module``'s convolution (with ``num_groups`` groups)."""
+    placeholder = x.new_empty(1).expand(weight_shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        gy, x, placeholder, None, module.stride, module.padding, module.dilation, False,
+        [0] * len(module.kernel_size), num_groups, [False, True, False])[1]
 
 
 def _conv(module, x, gy, tasks, out):
     if "weight" in out:
-        weight_grad = _conv_weight_fn(module)
-        for grad, a, g in zip(out["weight"], tasks.split(x), tasks.split(gy)):
-            if a.shape[0] == 0:
-                grad.zero_()
-            else:
-                grad.copy_(weight_grad(a, module.weight.shape, g, module.stride, module.padding,
-                                       module.dilation, module.groups))
+        k, shape = tasks.num_tasks, module.weight.shape
+        if tasks.equal_segments():
+            # the K tasks as K times the groups of one convolution: (B, C, ...) sorted by task
+            # -> (B / K, K * C, ...); its (K * O, C / groups, ...) weight gradient is the K
+            # task gradients. One call instead of K (launches count on a GPU).
+            def by_task(t):
+                n = t.shape[0] // k
+                return t.reshape(k, n, *t.shape[1:]).transpose(0, 1).reshape(n, -1, *t.shape[2:])
+
+            grad = _conv_weight(module, by_task(x), by_task(gy), k * module.groups,
+                                (k * shape[0], *shape[1:]))
+            out["weight"].copy_(grad.view(k, *shape))
+        else:
+            for grad, a, g in zip(out["weight"], tasks.split(x), tasks.split(gy)):
+                if a.shape[0] == 0:
+                    grad.zero_()
+                else:
+                    grad.copy_(_conv_weight(module, a, g, module.groups, shape))
     if "bias" in out:
         tasks.sum_per_task(gy.reshape(gy.shape[0], gy.shape[1], -1).sum(-1), out["bias"])
 
@@ -153,11 +171,11 @@ def _group_norm(module, x, gy, tasks, out):
 def _embedding(module, indices, gy, tasks, out):
     if "weight" not in out:
         return
-    num, dim = module.weight.shape
+    dim = module.weight.shape[1]
     per_token_task = tasks.group.view(-1, *([1] * (indices.dim() - 1))).expand_as(indices)
-    flat = (per_token_task * num + indices).reshape(-1)
     grad = out["weight"].zero_()
-    grad.view(-1, dim).index_add_(0, flat, gy.reshape(-1, dim))
+    grad.index_put_((per_token_task.reshape(-1), indices.reshape(-1)), gy.reshape(-1, dim),
+                    accumulate=True)
     if module.padding_idx is not None:
         grad[:, module.padding_idx] = 0
 

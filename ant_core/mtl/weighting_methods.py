@@ -227,12 +227,13 @@ class FAMO(_LossWeighting):
         return global_losses - self.min_losses.to(global_losses.device) + self.epsilon
 
     def _weights(self, global_losses, scale):
-        if not self.reevaluate and not torch.isnan(self.previous_losses).any():
-            self._step_logits(global_losses)
+        if not self.reevaluate:  # no step before the first losses (previous_losses NaN)
+            self._step_logits(global_losses, active=~torch.isnan(self.previous_losses).any())
         shifted = self._shifted(global_losses)
         z = torch.softmax(self.logits.to(shifted.device), dim=0)
         c = (z / shifted).sum()
         self.previous_losses.copy_(global_losses)
+        self._awaiting_update = self.reevaluate
         return z / (c * shifted)
 
     @torch.no_grad()
@@ -242,7 +243,7 @@ class FAMO(_LossWeighting):
             raise RuntimeError("FAMO(reevaluate=False) updates its logits in backward; "
                                "do not call update")
         new_losses = self._check_losses(new_losses)
-        if torch.isnan(self.previous_losses).any():
+        if not getattr(self, "_awaiting_update", False):
             raise RuntimeError("FAMO.update called before backward")
         if task_counts is None and group is not None:
             task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
@@ -251,18 +252,26 @@ class FAMO(_LossWeighting):
         delta = self._step_logits(distributed.global_losses(new_losses, shares,
                                                             self.process_group))
         self.previous_losses.fill_(float("nan"))
+        self._awaiting_update = False
         return delta
 
-    def _step_logits(self, new):
-        """One Adam step on the logits from ``previous_losses`` → ``new``; returns ``δ``."""
+    def _step_logits(self, new, active=None):
+        """One Adam step on the logits from ``previous_losses`` → ``new``; returns ``δ``.
+
+        With ``active`` (a bool tensor) the step is taken only if it is True, decided on the
+        device: the state is never read back to the host (a sync per step on a GPU).
+        """
         delta = (torch.log(self._shifted(self.previous_losses.to(new.device)))
                  - torch.log(self._shifted(new))).to(self.logits.device)
         z = torch.softmax(self.logits, dim=0)
         grad = z * (delta - (z * delta).sum()) + self.weight_decay * self.logits
-        self.adam_step += 1
-        step = int(self.adam_step)
-        self.adam_exp_avg.mul_(0.9).add_(grad, alpha=0.1)
-        self.adam_exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
-        denom = (self.adam_exp_avg_sq / (1 - 0.999 ** step)).sqrt() + 1e-8
-        self.logits.sub_(self.lr * (self.adam_exp_avg / (1 - 0.9 ** step)) / denom)
+        step = self.adam_step + 1
+        exp_avg = torch.add(self.adam_exp_avg * 0.9, grad, alpha=0.1)
+        exp_avg_sq = torch.addcmul(self.adam_exp_avg_sq * 0.999, grad, grad, value=0.001)
+        t = step.to(exp_avg.dtype)
+        denom = (exp_avg_sq / (1 - 0.999 ** t)).sqrt() + 1e-8
+        logits = self.logits - self.lr * (exp_avg / (1 - 0.9 ** t)) / denom
+        for state, value in ((self.adam_step, step), (self.adam_exp_avg, exp_avg),
+                             (self.adam_exp_avg_sq, exp_avg_sq), (self.logits, logits)):
+            state.copy_(value if active is None else torch.where(active, value, state))
         return delta
