@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -81,7 +80,6 @@ from quality_presets import CONFIGS, PRESETS, Preset  # noqa: E402
 from quality_report import (CONFIDENCE, LOWER_IS_BETTER, METRICS,  # noqa: E402,F401
                             paired_difference, plot_curves, summary_table, t_cdf, t_quantile,
                             verdict, verdict_lines, write_markdown, curve_table)
-SKIPPED = 3  # exit status of a worker whose run was skipped (no affinity estimator)
 
 
 # ----------------------------------------------------------------------------- records
@@ -257,11 +255,8 @@ class Benchmark:
 
     def ensure_affinity(self, seed: int, env: dict) -> Path:
         """The T x T affinity .npy of ``seed`` (estimated once, see the module docstring)."""
-        try:
-            from ant_core.affinity import estimate_affinity
-        except ImportError as exc:
-            raise RuntimeError(f"affinity estimator not available ({exc})") from None
         from ant_core import checkpoint as ckpt
+        from ant_core.affinity import estimate_affinity
         from ant_core.data import ProceduralShapes
 
         p = self.preset
@@ -291,15 +286,9 @@ class Benchmark:
 
     # --------------------------------------------------------------- the grid
     def finish_run(self, name: str, seed: int, env: dict):
-        """Run one (configuration, seed) and write its results JSON; None when skipped."""
+        """Run one (configuration, seed) and write its results JSON."""
         t0 = time.perf_counter()
-        try:
-            record = self.run_one(name, seed, env)
-        except RuntimeError as exc:
-            if "affinity estimator not available" in str(exc):
-                print(f"  skip {name} seed {seed}: {exc}", flush=True)
-                return None
-            raise
+        record = self.run_one(name, seed, env)
         wall = time.perf_counter() - t0
         record["record"] = {"seed": seed, **env, "wall_seconds": round(wall, 3),
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -319,9 +308,7 @@ class Benchmark:
         progress = _Progress(pending, jobs)
         if jobs <= 1:
             for name, seed in pending:
-                record = self.finish_run(name, seed, env)
-                if record is not None:
-                    progress.done(name, seed, record)
+                progress.done(name, seed, self.finish_run(name, seed, env))
             return env
         phases = [[r for r in pending if r[0] == "vanilla"],
                   [r for r in pending if r[0] != "vanilla"]]
@@ -349,9 +336,6 @@ class Benchmark:
                         if proc.returncode == 0 and self.result_path(name, seed).is_file():
                             record = json.loads(self.result_path(name, seed).read_text())
                             progress.done(name, seed, record)
-                        elif proc.returncode == SKIPPED:
-                            print(f"  skip {name} seed {seed}: affinity estimator not "
-                                  "available", flush=True)
                         else:
                             tail = "".join(log.read_text().splitlines(True)[-15:])
                             print(f"  FAILED {name} seed {seed} (exit {proc.returncode}); "
@@ -540,23 +524,17 @@ def main(argv=None) -> int:
         name, _, seed = args.run.partition(":")
         bench = Benchmark(preset, out, device, [int(seed)], [name])
         try:
-            record = bench.finish_run(name, int(seed), environment_record(device))
+            bench.finish_run(name, int(seed), environment_record(device))
         except KeyboardInterrupt as exc:
             print(f"interrupted: {exc or 'Ctrl-C'}", flush=True)
             return 130
-        return 0 if record is not None else SKIPPED
+        return 0
     bench = Benchmark(preset, out, device, seeds, configs)
 
     def worker_command(name, seed):
         return [sys.executable, str(Path(__file__).resolve()), "--preset", preset.name,
                 "--out", str(out), "--device", device, "--threads", str(threads),
                 "--k", str(preset.k), "--run", f"{name}:{seed}"]
-    if "uw_affinity" in configs:
-        try:
-            importlib.import_module("ant_core.affinity")
-        except ImportError as exc:
-            print(f"affinity estimator not available ({exc}): skipping uw_affinity", flush=True)
-            bench.configs = [c for c in configs if c != "uw_affinity"]
     try:
         env = bench.run_all(args.jobs, worker_command)
     except KeyboardInterrupt as exc:

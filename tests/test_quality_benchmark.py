@@ -281,17 +281,3 @@ def test_other_settings_in_out_folder_refused(tmp_path):
         quality.check_settings(out, dataclasses.replace(smoke, lr=smoke.lr * 2))
     with pytest.raises(SystemExit, match="--out"):
         quality.check_settings(out, quality.PRESETS["cpu"])
-
-
-def test_affinity_configuration_skipped_without_estimator(tmp_path, capsys, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "ant_core.affinity", None)  # import now fails
-    out = tmp_path / "noaff"
-    assert quality.main(["--preset", "smoke", "--seeds", "1", "--configs",
-                         "vanilla,uw_affinity", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "affinity estimator not available" in printed
-    summary = json.loads((out / "results.json").read_text())
-    assert set(summary["configs"]) == {"vanilla"}
-    assert not (out / "results" / "uw_affinity").exists()
