@@ -160,7 +160,7 @@ class Benchmark:
         return TrainConfig(
             data="shapes", num_images=p.num_images, image_size=p.image_size, data_seed=0,
             model=p.model, model_config=dict(p.model_config), schedule="linear", T=p.T,
-            prediction="eps", k=p.k, sampler="stratified", steps=steps,
+            prediction=p.prediction, k=p.k, sampler="stratified", steps=steps,
             batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
             grad_clip=p.grad_clip, ema_decay=p.ema_decay, seed=seed, device=self.device,
             out=str(out), log_every=max(1, p.steps // 100), keep_last=2, num_samples=16,
@@ -490,10 +490,13 @@ def parse_args(argv=None):
 
 
 def _result_settings(settings: dict) -> dict:
-    """The settings that can change a result (not the preset's description or run defaults)."""
+    """The settings that can change a result (not the preset's description or run defaults);
+    a preset field added later takes its default (the behaviour from before it existed)."""
     ignored = ("description", "notes", "default_device", "default_threads", "default_jobs")
-    return {**settings, "preset": {k: v for k, v in settings.get("preset", {}).items()
-                                   if k not in ignored}}
+    defaults = {f.name: f.default for f in dataclasses.fields(Preset)
+                if f.default is not dataclasses.MISSING}
+    preset = {**defaults, **settings.get("preset", {})}
+    return {**settings, "preset": {k: v for k, v in preset.items() if k not in ignored}}
 
 
 def check_settings(out: Path, preset: Preset) -> None:

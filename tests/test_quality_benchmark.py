@@ -281,3 +281,10 @@ def test_other_settings_in_out_folder_refused(tmp_path):
         quality.check_settings(out, dataclasses.replace(smoke, lr=smoke.lr * 2))
     with pytest.raises(SystemExit, match="--out"):
         quality.check_settings(out, quality.PRESETS["cpu"])
+    # a folder written before a preset field existed holds that field's default
+    saved = json.loads((out / "settings.json").read_text())
+    del saved["preset"]["prediction"]
+    (out / "settings.json").write_text(json.dumps(saved))
+    quality.check_settings(out, smoke)
+    with pytest.raises(SystemExit, match="--out"):
+        quality.check_settings(out, dataclasses.replace(smoke, prediction="v"))

@@ -211,6 +211,7 @@ class FAMO(_LossWeighting):
         if not isinstance(reevaluate, bool):
             raise TypeError(f"reevaluate must be a bool, got {type(reevaluate).__name__}")
         self.reevaluate = reevaluate
+        self._awaiting_update = False  # backward ran, update not yet (reevaluate=True)
         self.lr, self.weight_decay, self.epsilon = float(lr), float(weight_decay), float(epsilon)
         mins = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses)
         if mins.shape != (num_tasks,):
@@ -243,7 +244,7 @@ class FAMO(_LossWeighting):
             raise RuntimeError("FAMO(reevaluate=False) updates its logits in backward; "
                                "do not call update")
         new_losses = self._check_losses(new_losses)
-        if not getattr(self, "_awaiting_update", False):
+        if not self._awaiting_update:
             raise RuntimeError("FAMO.update called before backward")
         if task_counts is None and group is not None:
             task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
