@@ -88,8 +88,9 @@ class EMA:
         self.num_updates += 1
         n = self.num_updates
         decay = min(self.decay, (1 + n) / (10 + n))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+        # one multi-tensor lerp for all parameters (a launch per parameter on a GPU otherwise)
+        torch._foreach_lerp_(list(self.model.parameters()),
+                             [p.detach() for p in model.parameters()], 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
