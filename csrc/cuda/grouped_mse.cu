@@ -132,20 +132,19 @@ __device__ __forceinline__ Tile locate_tile(int tile_threads, int64_t chunks, in
   return t;
 }
 
-struct ForwardParams {
-  const void* pred;
-  const void* target;
-  const void* groups;
+// Kernel parameters: the launcher's arguments plus the plan's tiling (passed by value).
+struct Tiling {
   bool groups_int64;
-  const void* weight;
-  DType weight_dtype;
-  int64_t batch, per_sample, num_groups, chunks, chunk_len, num_tiles;
+  int64_t chunks, chunk_len, num_tiles;
   int tile_threads;
-  void* group_loss;
-  void* sample_mse;
-  int64_t* group_count;
-  double* partials;
-  unsigned int* ticket;
+  Tiling(IndexType groups_dtype, const GroupedMsePlan& plan)
+      : groups_int64(groups_dtype == IndexType::I64), chunks(plan.chunks),
+        chunk_len(plan.chunk_len), num_tiles(plan.num_tiles), tile_threads(plan.tile_threads) {}
+};
+
+struct ForwardParams : GroupedMseForwardArgs, Tiling {
+  ForwardParams(const GroupedMseForwardArgs& a, const GroupedMsePlan& plan)
+      : GroupedMseForwardArgs(a), Tiling(a.groups_dtype, plan) {}
 };
 
 // Sum of squared differences over this thread's share of a tile: vector units first, first +
@@ -275,22 +274,9 @@ __global__ void __launch_bounds__(kThreads) grouped_mse_forward_kernel(ForwardPa
   finalize_groups<Acc>(prm);
 }
 
-struct BackwardParams {
-  const void* grad_group;
-  int64_t grad_group_stride;
-  const void* grad_sample;
-  int64_t grad_sample_stride;
-  const void* pred;
-  const void* target;
-  const void* groups;
-  bool groups_int64;
-  const int64_t* group_count;
-  const void* weight;
-  DType weight_dtype;
-  int64_t batch, per_sample, num_groups, chunks, chunk_len, num_tiles;
-  int tile_threads;
-  void* grad_pred;
-  void* grad_target;
+struct BackwardParams : GroupedMseBackwardArgs, Tiling {
+  BackwardParams(const GroupedMseBackwardArgs& a, const GroupedMsePlan& plan)
+      : GroupedMseBackwardArgs(a), Tiling(a.groups_dtype, plan) {}
 };
 
 template <typename Acc>
@@ -432,25 +418,7 @@ GroupedMsePlan grouped_mse_plan(int64_t batch, int64_t per_sample, DType pred_dt
 
 cudaError_t grouped_mse_forward(const GroupedMseForwardArgs& a, const GroupedMsePlan& plan,
                                 cudaStream_t stream) {
-  ForwardParams prm;
-  prm.pred = a.pred;
-  prm.target = a.target;
-  prm.groups = a.groups;
-  prm.groups_int64 = a.groups_dtype == IndexType::I64;
-  prm.weight = a.weight;
-  prm.weight_dtype = a.weight_dtype;
-  prm.batch = a.batch;
-  prm.per_sample = a.per_sample;
-  prm.num_groups = a.num_groups;
-  prm.chunks = plan.chunks;
-  prm.chunk_len = plan.chunk_len;
-  prm.num_tiles = plan.num_tiles;
-  prm.tile_threads = plan.tile_threads;
-  prm.group_loss = a.group_loss;
-  prm.sample_mse = a.sample_mse;
-  prm.group_count = a.group_count;
-  prm.partials = a.partials;
-  prm.ticket = a.ticket;
+  const ForwardParams prm(a, plan);
   if (plan.num_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned int>(plan.num_blocks));
   dispatch_pair(a.pred_dtype, a.target_dtype, [&](auto tp, auto tt) {
@@ -468,27 +436,7 @@ cudaError_t grouped_mse_forward(const GroupedMseForwardArgs& a, const GroupedMse
 
 cudaError_t grouped_mse_backward(const GroupedMseBackwardArgs& a, const GroupedMsePlan& plan,
                                  cudaStream_t stream) {
-  BackwardParams prm;
-  prm.grad_group = a.grad_group;
-  prm.grad_group_stride = a.grad_group_stride;
-  prm.grad_sample = a.grad_sample;
-  prm.grad_sample_stride = a.grad_sample_stride;
-  prm.pred = a.pred;
-  prm.target = a.target;
-  prm.groups = a.groups;
-  prm.groups_int64 = a.groups_dtype == IndexType::I64;
-  prm.group_count = a.group_count;
-  prm.weight = a.weight;
-  prm.weight_dtype = a.weight_dtype;
-  prm.batch = a.batch;
-  prm.per_sample = a.per_sample;
-  prm.num_groups = a.num_groups;
-  prm.chunks = plan.chunks;
-  prm.chunk_len = plan.chunk_len;
-  prm.num_tiles = plan.num_tiles;
-  prm.tile_threads = plan.tile_threads;
-  prm.grad_pred = a.grad_pred;
-  prm.grad_target = a.grad_target;
+  const BackwardParams prm(a, plan);
   if (plan.num_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned int>(plan.num_blocks));
   const bool grad_target = a.grad_target != nullptr;
