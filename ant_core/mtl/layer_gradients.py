@@ -60,12 +60,15 @@ class TaskSegments:
             self._indicators[key] = F.one_hot(self.group.to(device), self.num_tasks).T.to(dtype)
         return self._indicators[key]
 
-    def sum_per_task(self, per_sample: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the sums of a per-sample tensor (B, ...) over each task's samples into ``out``
-        (K, ...) (one matmul)."""
-        flat = per_sample.reshape(per_sample.shape[0], -1)
-        torch.mm(self.indicator(per_sample.dtype, per_sample.device), flat,
-                 out=out.view(self.num_tasks, -1))
+    def sum_per_task(self, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write into ``out`` (K, *shape) the sums of ``t`` (B, ..., *shape) over each task's
+        samples and the dims in between: one reduction when the tasks are sorted and of equal
+        size, else a per-sample reduction and one matmul."""
+        if self.equal_segments():
+            return torch.sum(t.reshape(self.num_tasks, -1, *out.shape[1:]), 1, out=out)
+        flat = t.reshape(t.shape[0], -1, out[0].numel())
+        per_sample = flat.sum(1) if flat.shape[1] > 1 else flat[:, 0]
+        torch.mm(self.indicator(t.dtype, t.device), per_sample, out=out.view(self.num_tasks, -1))
         return out
 
     def equal_segments(self) -> bool:
@@ -95,9 +98,9 @@ def find_handler(module):
 
 
 def _linear(module, x, gy, tasks, out):
-    k, equal = tasks.num_tasks, tasks.equal_segments()
+    k = tasks.num_tasks
     if "weight" in out:
-        if equal:  # one batched matmul over (K, samples per task · tokens)
+        if tasks.equal_segments():  # one batched matmul over (K, samples per task · tokens)
             torch.bmm(gy.reshape(k, -1, module.out_features).transpose(1, 2),
                       x.reshape(k, -1, module.in_features), out=out["weight"])
         else:
@@ -105,11 +108,7 @@ def _linear(module, x, gy, tasks, out):
                 torch.mm(g.reshape(-1, module.out_features).T, a.reshape(-1, module.in_features),
                          out=out["weight"][task])
     if "bias" in out:
-        if equal:
-            torch.sum(gy.reshape(k, -1, module.out_features), 1, out=out["bias"])
-        else:
-            tasks.sum_per_task(gy.reshape(gy.shape[0], -1, module.out_features).sum(1),
-                               out["bias"])
+        tasks.sum_per_task(gy, out["bias"])
 
 
 def _conv_weight(module, x, gy, num_groups, weight_shape):
@@ -148,19 +147,18 @@ def _conv_supported(module):
     return module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
-def _norm_affine(gy, tasks, out, x_hat, per_sample_sum):
+def _norm_affine(gy, tasks, out, x_hat, arrange=lambda t: t):
     """Per-task affine gradients of a norm layer ``y = x̂ · w + b`` (``x̂`` recomputed from
-    the input); ``per_sample_sum`` reduces a (B, ...) tensor to (B, *w.shape)."""
+    the input); ``arrange`` brings a (B, ...) tensor to (B, ..., *w.shape)."""
     if "weight" in out:
-        tasks.sum_per_task(per_sample_sum(gy * x_hat()), out["weight"])
+        tasks.sum_per_task(arrange(gy * x_hat()), out["weight"])
     if "bias" in out:
-        tasks.sum_per_task(per_sample_sum(gy), out["bias"])
+        tasks.sum_per_task(arrange(gy), out["bias"])
 
 
 def _layer_norm(module, x, gy, tasks, out):
     shape = tuple(module.normalized_shape)
-    _norm_affine(gy, tasks, out, lambda: F.layer_norm(x, shape, None, None, module.eps),
-                 lambda t: t.reshape(t.shape[0], -1, *shape).sum(1))
+    _norm_affine(gy, tasks, out, lambda: F.layer_norm(x, shape, None, None, module.eps))
 
 
 def _group_norm(module, x, gy, tasks, out):
