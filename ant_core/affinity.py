@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import list_checkpoints, load_model
 from .sketch import CountSketch
 
 __all__ = ["estimate_affinity", "AffinityResult", "timestep_grid",
@@ -105,8 +106,6 @@ def diffusion_loss(diffusion, reduction: str = "mean"):
 
 
 def _checkpoint_files(source) -> list:
-    from .checkpoint import list_checkpoints
-
     path = Path(source)
     if path.is_dir():
         found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
@@ -208,7 +207,6 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
                                            and all(isinstance(m, (str, Path)) for m in models)):
         sources = [models] if isinstance(models, (str, Path)) else list(models)
         files = [f for s in sources for f in _checkpoint_files(s)]
-        from .checkpoint import load_model
         # the first is checked before any work; the others are loaded one at a time, when used
         first, ckpt_diffusion, state = load_model(files[0], ema, device or "cpu")
         cfg = state["config"]
@@ -280,7 +278,6 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         if chunk[0] == 0:
             mod = models[c]
             if not isinstance(mod, nn.Module):  # a checkpoint file, loaded when its turn comes
-                from .checkpoint import load_model
                 mod = load_model(mod, ema, device)[0]
             params = _trainable(mod, c)
             mod.to(device).eval()
