@@ -48,11 +48,12 @@ class TaskGradients(Sequence):
     def __init__(self, params, num_tasks, storage=None):
         self.num_tasks = num_tasks
         self._shapes = [p.shape for p in params]
-        self._where, sizes = [], {}
+        self._where, sizes, self._numels = [], {}, {}
         for p in params:
             key = (p.dtype, p.device)
             offset = sizes.get(key, 0)
             self._where.append((key, offset, p.numel()))
+            self._numels.setdefault(key, []).append(p.numel())  # in offset order
             sizes[key] = offset + p.numel()
         shapes = {key: (num_tasks, n) for key, n in sizes.items()}
         if storage is not None and {k: tuple(b.shape) for k, b in storage.items()} == shapes:
@@ -121,10 +122,8 @@ class TaskGradients(Sequence):
         """Per-parameter ``Σ_k c_k g_k`` (None where unused): views of one matrix-vector
         product per buffer."""
         coeffs = torch.as_tensor(coeffs)
-        pieces = {}
-        for key, b in self.buffers.items():
-            numels = [numel for k, _, numel in self._where if k == key]  # in offset order
-            pieces[key] = iter(torch.mv(b.T, coeffs.to(b)).split(numels))
+        pieces = {key: iter(torch.mv(b.T, coeffs.to(b)).split(self._numels[key]))
+                  for key, b in self.buffers.items()}
         return [g.view(shape) if used else None for g, shape, used in
                 zip((next(pieces[key]) for key, _, _ in self._where), self._shapes, self._used)]
 
