@@ -1,7 +1,10 @@
 """Does ANT improve sample quality? A small-scale, multi-seed reproduction of the paper's claim.
 
-    python benchmarks/quality.py --preset cpu|cpu-long|cpu-wide|gpu|smoke [--seeds N] [--configs a,b,...]
+    python benchmarks/quality.py --preset cpu|gpu|smoke|<probe> [--seeds N] [--configs a,b,...]
                                  [--k K] [--out DIR] [--device cpu|cuda] [--threads N] [--jobs N]
+
+(<probe>: a variant of the cpu preset that changes one thing, listed in ``quality_presets.py``:
+cpu-long, cpu-8k, cpu-wide, cpu-v, cpu-x0, cpu-uw-slow.)
 
 Grid: every configuration in ``quality_presets.CONFIGS`` (vanilla, Min-SNR-5, ANT-UW with the
 timestep / log-SNR / affinity objectives, ANT-Nash-MTL and ANT-PCGrad on log-SNR clusters,
@@ -11,7 +14,9 @@ all configurations: ProceduralShapes data (data_seed 0), model, steps, batch, op
 clips Nash-MTL), EMA, and the evaluation. Method settings: UW's log-variances at lr 0.025 (the
 TrainConfig default, as in the paper); Nash-MTL re-solves its weights every 25 steps (the
 paper's setting); PCGrad's projection order is seeded with the run seed; stratified sampling
-over the K = 5 clusters for the ANT configurations, uniform t for vanilla and Min-SNR.
+over the K = 5 clusters for the ANT configurations, uniform t for vanilla and Min-SNR. The
+per-task gradients of PCGrad and Nash-MTL come from K backward passes on the CPU presets and
+from the one-backward engine on the gpu preset (``--engine``: the same gradients, faster).
 
 Protocol
 * Training goes through the public API only: ``TrainConfig`` + ``train(config, resume=True)``.
@@ -57,8 +62,8 @@ affinity 10 s ~ 880 s; 3 seeds ~ 44 minutes sequentially (``--jobs 1``, the defa
 GPU preset, measured on one H100 with 16 host cores (torch 2.11, CUDA 13): one run (1000 steps
 of a 4.2 M-parameter DiT at batch 128 + 3 evaluations of 1000 samples) takes ~50 s (vanilla) to
 ~90 s (FAMO) when 4 share the GPU, ~70-130 s when 8 do; 15 runs (5 configurations x 3 seeds)
-took 271 s with the defaults (``--jobs 8 --threads 2``), so the 24-run grid with PCGrad's K
-backward passes should take about 8 minutes. The script prints an ETA after every run.
+took 271 s with the defaults (``--jobs 8 --threads 2``), so the 24-run grid should take about
+8 minutes. The script prints an ETA after every run.
 """
 from __future__ import annotations
 
@@ -77,9 +82,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_presets import CONFIGS, PRESETS, Preset  # noqa: E402
-from quality_report import (CONFIDENCE, LOWER_IS_BETTER, METRICS,  # noqa: E402,F401
-                            paired_difference, plot_curves, summary_table, t_cdf, t_quantile,
-                            verdict, verdict_lines, write_markdown, curve_table)
+from quality_report import (CONFIDENCE, LOWER_IS_BETTER, METRICS,  # noqa: E402
+                            curve_table, paired_difference, plot_curves, summary_table, verdict,
+                            verdict_lines, write_markdown)
 
 
 # ----------------------------------------------------------------------------- records
@@ -141,8 +146,9 @@ class _Progress:
 
 
 class Benchmark:
-    def __init__(self, preset: Preset, out: Path, device: str, seeds, configs):
-        self.preset, self.out, self.device = preset, Path(out), device
+    def __init__(self, preset: Preset, out: Path, device: str, seeds, configs,
+                 engine: str = "autograd"):
+        self.preset, self.out, self.device, self.engine = preset, Path(out), device, engine
         self.seeds, self.configs = list(seeds), list(configs)
         self._held_out = None
         self._train_images = None
@@ -150,9 +156,12 @@ class Benchmark:
     # --------------------------------------------------------------- configs
     def train_config(self, name: str, seed: int, out: Path, steps: int, affinity=None):
         from ant_core import TrainConfig
+        from ant_core.train_config import GRADIENT_METHODS
 
         p = self.preset
         overrides = dict(CONFIGS[name][1])
+        if overrides["method"] in GRADIENT_METHODS:
+            overrides["engine"] = self.engine
         if overrides.get("method") == "pcgrad":  # projection order follows the run seed
             overrides["method_config"] = {**overrides.get("method_config", {}), "seed": seed}
         if overrides.get("objective") == "affinity":
@@ -160,7 +169,7 @@ class Benchmark:
         return TrainConfig(
             data="shapes", num_images=p.num_images, image_size=p.image_size, data_seed=0,
             model=p.model, model_config=dict(p.model_config), schedule="linear", T=p.T,
-            prediction=p.prediction, k=p.k, sampler="stratified", steps=steps,
+            prediction=p.prediction, uw_lr=p.uw_lr, k=p.k, sampler="stratified", steps=steps,
             batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
             grad_clip=p.grad_clip, ema_decay=p.ema_decay, seed=seed, device=self.device,
             out=str(out), log_every=max(1, p.steps // 100), keep_last=2, num_samples=16,
@@ -437,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time, each in its own worker process (default: the "
                    "preset's, 1 on a CPU, 8 for gpu; e.g. 2 with --threads 1 on 2 cores)")
+    p.add_argument("--engine", default=None, choices=("autograd", "one-backward",
+                                                      "one-backward-lean"),
+                   help="per-task gradients of PCGrad / Nash-MTL (default: the preset's, "
+                   "one-backward for gpu, autograd otherwise); the same gradients, another speed")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # worker: CONFIG:SEED
     return p
 
@@ -481,6 +494,8 @@ def parse_args(argv=None):
                      f"{args.run!r}")
     if args.jobs is None:
         args.jobs = preset.default_jobs
+    if args.engine is None:
+        args.engine = preset.default_engine
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
     default_k = PRESETS[args.preset].k
@@ -491,12 +506,14 @@ def parse_args(argv=None):
 
 def _result_settings(settings: dict) -> dict:
     """The settings that can change a result (not the preset's description or run defaults);
-    a preset field added later takes its default (the behaviour from before it existed)."""
-    ignored = ("description", "notes", "default_device", "default_threads", "default_jobs")
-    defaults = {f.name: f.default for f in dataclasses.fields(Preset)
-                if f.default is not dataclasses.MISSING}
-    preset = {**defaults, **settings.get("preset", {})}
-    return {**settings, "preset": {k: v for k, v in preset.items() if k not in ignored}}
+    a preset field added later takes its default (the behaviour from before it existed), a
+    field since removed is dropped."""
+    ignored = ("description", "default_device", "default_threads", "default_jobs",
+               "default_engine")
+    fields = {f.name: f.default for f in dataclasses.fields(Preset)}
+    preset = {**fields, **settings.get("preset", {})}
+    return {**settings, "preset": {k: v for k, v in preset.items()
+                                   if k in fields and k not in ignored}}
 
 
 def check_settings(out: Path, preset: Preset) -> None:
@@ -525,19 +542,19 @@ def main(argv=None) -> int:
     check_settings(out, preset)
     if args.run:  # worker process of --jobs N: one run, no summary
         name, _, seed = args.run.partition(":")
-        bench = Benchmark(preset, out, device, [int(seed)], [name])
+        bench = Benchmark(preset, out, device, [int(seed)], [name], args.engine)
         try:
             bench.finish_run(name, int(seed), environment_record(device))
         except KeyboardInterrupt as exc:
             print(f"interrupted: {exc or 'Ctrl-C'}", flush=True)
             return 130
         return 0
-    bench = Benchmark(preset, out, device, seeds, configs)
+    bench = Benchmark(preset, out, device, seeds, configs, args.engine)
 
     def worker_command(name, seed):
         return [sys.executable, str(Path(__file__).resolve()), "--preset", preset.name,
                 "--out", str(out), "--device", device, "--threads", str(threads),
-                "--k", str(preset.k), "--run", f"{name}:{seed}"]
+                "--k", str(preset.k), "--engine", args.engine, "--run", f"{name}:{seed}"]
     try:
         env = bench.run_all(args.jobs, worker_command)
     except KeyboardInterrupt as exc:

@@ -6,7 +6,7 @@ warm-up. A configuration only changes the loss weighting / clustering / MTL meth
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,13 @@ class Preset:
     # ANT
     k: int = 5
     prediction: str = "eps"    # what the model predicts (the trainer's ``prediction``)
+    uw_lr: float = 0.025       # lr of UW's log-variances (the trainer's ``uw_lr``; paper: 0.025)
     default_device: str = "cpu"
     default_threads: int = 0   # 0: leave torch's default
     default_jobs: int = 1      # runs at a time (worker processes)
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+    #: how the gradient methods (PCGrad, Nash-MTL) get their per-task gradients: the trainer's
+    #: ``engine``. A run default like the device: the same gradients, computed faster or slower
+    default_engine: str = "autograd"
 
     @property
     def steps(self) -> int:
@@ -80,7 +82,8 @@ PRESETS = {
         T=1000, eval_steps=(250, 500, 1000), batch_size=128, lr=1e-3, warmup_steps=50,
         grad_clip=1.0, ema_decay=0.998, num_eval=1000, sample_steps=50,
         affinity_step=250, affinity_M=100, affinity_d=16384, affinity_batches=4,
-        affinity_batch_size=128, default_device="cuda", default_threads=2, default_jobs=8),
+        affinity_batch_size=128, default_device="cuda", default_threads=2, default_jobs=8,
+        default_engine="one-backward"),
 }
 
 
@@ -107,6 +110,16 @@ PRESETS["cpu-wide"] = replace(
 PRESETS["cpu-v"] = replace(
     PRESETS["cpu"], name="cpu-v", description="the cpu preset with v-prediction (less unequal "
     "per-cluster losses for UW to reweight); about 45 minutes on 2 cores", prediction="v")
+#: the cpu preset with x0-prediction: the per-cluster losses are unequal the other way round
+#: (large at high noise), so UW's 1 / L_k weights favour the low-noise clusters
+PRESETS["cpu-x0"] = replace(
+    PRESETS["cpu"], name="cpu-x0", description="the cpu preset with x0-prediction (UW's 1 / L_k "
+    "weights then favour low noise); about 45 minutes on 2 cores", prediction="x0")
+#: the cpu preset with UW's log-variances 10x slower: in 1200 steps they move by at most ~3
+#: (weights within ~e^3 of each other) instead of reaching UW's equilibrium 1 / L_k (~1000x apart)
+PRESETS["cpu-uw-slow"] = replace(
+    PRESETS["cpu"], name="cpu-uw-slow", description="the cpu preset with UW's log-variance lr "
+    "0.0025 instead of 0.025 (a tempered UW); about 45 minutes on 2 cores", uw_lr=0.0025)
 
 
 #: configuration name -> (label, TrainConfig overrides). Order: vanilla first (it is the

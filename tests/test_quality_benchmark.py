@@ -22,6 +22,7 @@ def _load(name):
 
 
 quality = _load("quality")
+report = _load("quality_report")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,31 +34,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995])
 def test_t_quantile_closed_forms(p):
     # df = 1 (Cauchy) and df = 2 have closed-form quantiles
-    assert quality.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+    assert report.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
     df2 = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    assert quality.t_quantile(p, 2) == pytest.approx(df2, rel=1e-9)
-    assert quality.t_quantile(1 - p, 2) == pytest.approx(-df2, rel=1e-9)
+    assert report.t_quantile(p, 2) == pytest.approx(df2, rel=1e-9)
+    assert report.t_quantile(1 - p, 2) == pytest.approx(-df2, rel=1e-9)
 
 
 def test_t_quantile_table_and_normal_limit():
     # printed t tables (two-sided 95 %)
     for df, value in ((3, 3.182446), (4, 2.776445), (9, 2.262157), (30, 2.042272)):
-        assert quality.t_quantile(0.975, df) == pytest.approx(value, abs=2e-6)
-    assert quality.t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
-    assert quality.t_cdf(0.0, 5) == pytest.approx(0.5)
+        assert report.t_quantile(0.975, df) == pytest.approx(value, abs=2e-6)
+    assert report.t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
+    assert report.t_cdf(0.0, 5) == pytest.approx(0.5)
 
 
 def test_t_quantile_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 3, 5, 11, 50):
         for p in (0.55, 0.8, 0.95, 0.975, 0.999):
-            assert quality.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-8)
+            assert report.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-8)
 
 
 def test_paired_difference_hand_computed():
     vanilla = {0: 10.0, 1: 12.0, 2: 11.0}
     ant = {0: 9.0, 1: 10.0, 2: 10.5}
-    d = quality.paired_difference(ant, vanilla)
+    d = report.paired_difference(ant, vanilla)
     diffs = [-1.0, -2.0, -0.5]
     mean = sum(diffs) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
@@ -68,14 +69,14 @@ def test_paired_difference_hand_computed():
     assert d["ci_low"] == pytest.approx(mean - t * sd / math.sqrt(3))
     assert d["ci_high"] == pytest.approx(mean + t * sd / math.sqrt(3))
     # the interval [-3.06, 0.73] covers 0: no significant difference
-    assert quality.verdict(d) == "no significant difference"
-    assert quality.verdict({"ci_low": -2.0, "ci_high": -0.1}) == "better"
-    assert quality.verdict({"ci_low": 0.1, "ci_high": 2.0}) == "worse"
-    assert quality.verdict({"ci_low": 0.1, "ci_high": 2.0}, lower_is_better=False) == "better"
+    assert report.verdict(d) == "no significant difference"
+    assert report.verdict({"ci_low": -2.0, "ci_high": -0.1}) == "better"
+    assert report.verdict({"ci_low": 0.1, "ci_high": 2.0}) == "worse"
+    assert report.verdict({"ci_low": 0.1, "ci_high": 2.0}, lower_is_better=False) == "better"
     # pairing uses only common seeds; one pair gives no interval
-    one = quality.paired_difference({0: 1.0, 5: 3.0}, {0: 2.0})
+    one = report.paired_difference({0: 1.0, 5: 3.0}, {0: 2.0})
     assert one["n_pairs"] == 1 and one["ci_low"] is None
-    assert quality.verdict(one).startswith("insufficient")
+    assert report.verdict(one).startswith("insufficient")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -144,12 +145,12 @@ def test_smoke_end_to_end(smoke_run):
     base = {s: json.loads((out / "results" / "vanilla" / f"seed{s}.json").read_text())
             ["final"]["fd"] for s in (0, 1)}
     diffs = [runs[s] - base[s] for s in (0, 1)]
-    half = quality.t_quantile(0.975, 1) * np.std(diffs, ddof=1) / math.sqrt(2)
+    half = report.t_quantile(0.975, 1) * np.std(diffs, ddof=1) / math.sqrt(2)
     assert fd["vs_vanilla"]["mean_diff"] == pytest.approx(np.mean(diffs))
     assert fd["vs_vanilla"]["ci_low"] == pytest.approx(np.mean(diffs) - half)
     assert fd["mean"] == pytest.approx(np.mean(list(runs.values())))
     assert fd["std"] == pytest.approx(np.std(list(runs.values()), ddof=1))
-    assert entry["verdict"] == quality.verdict(fd["vs_vanilla"])
+    assert entry["verdict"] == report.verdict(fd["vs_vanilla"])
     md = (out / "results.md").read_text()
     assert "ANT-UW affinity" in md and "Versions:" in md and "Machine:" in md
     assert "## Verdicts" in md
@@ -288,3 +289,39 @@ def test_other_settings_in_out_folder_refused(tmp_path):
     quality.check_settings(out, smoke)
     with pytest.raises(SystemExit, match="--out"):
         quality.check_settings(out, dataclasses.replace(smoke, prediction="v"))
+    with pytest.raises(SystemExit, match="--out"):
+        quality.check_settings(out, dataclasses.replace(smoke, uw_lr=smoke.uw_lr / 10))
+    # ... and a field since removed from the preset is dropped
+    saved["preset"]["notes"] = ""
+    (out / "settings.json").write_text(json.dumps(saved))
+    quality.check_settings(out, smoke)
+
+
+def test_preset_training_settings_reach_the_train_config(tmp_path):
+    preset = dataclasses.replace(quality.PRESETS["smoke"], prediction="x0", uw_lr=0.003, k=4)
+    bench = quality.Benchmark(preset, tmp_path, "cpu", [0], ["uw_log_snr"])
+    cfg = bench.train_config("uw_log_snr", 0, tmp_path / "run", steps=2)
+    assert (cfg.prediction, cfg.uw_lr, cfg.k, cfg.method) == ("x0", 0.003, 4, "uw")
+    # the engine applies to the gradient methods only (the trainer refuses it elsewhere)
+    bench = quality.Benchmark(preset, tmp_path, "cpu", [0], ["uw_log_snr", "pcgrad_log_snr"],
+                              engine="one-backward")
+    assert bench.train_config("pcgrad_log_snr", 0, tmp_path / "p", steps=2).engine == \
+        "one-backward"
+    assert bench.train_config("uw_log_snr", 0, tmp_path / "u", steps=2).engine == "autograd"
+
+
+def test_engine_reaches_the_workers(tmp_path):
+    """--engine goes to PCGrad / Nash-MTL in --jobs worker processes; it changes how their
+    gradients are computed, not what they are."""
+    runs = {}
+    for engine in ("autograd", "one-backward"):
+        out = tmp_path / engine
+        assert quality.main(["--preset", "smoke", "--seeds", "1", "--jobs", "2", "--engine",
+                             engine, "--configs", "pcgrad_log_snr,nashmtl_log_snr",
+                             "--out", str(out)]) == 0
+        runs[engine] = json.loads((out / "results.json").read_text())["configs"]
+    for name in ("pcgrad_log_snr", "nashmtl_log_snr"):
+        assert runs["one-backward"][name]["train_config"]["engine"] == "one-backward"
+        assert runs["autograd"][name]["train_config"]["engine"] == "autograd"
+        a, b = runs["autograd"][name]["final"]["fd"], runs["one-backward"][name]["final"]["fd"]
+        assert b["mean"] == pytest.approx(a["mean"], rel=1e-6)  # methods differ by ~1e-3 here
