@@ -4,11 +4,13 @@
                                  [--k K] [--out DIR] [--device cpu|cuda] [--threads N] [--jobs N]
 
 (<probe>: a variant of the cpu preset that changes one thing, listed in ``quality_presets.py``:
-cpu-long, cpu-8k, cpu-wide, cpu-v, cpu-x0, cpu-uw-slow.)
+cpu-long, cpu-8k, cpu-wide, cpu-v, cpu-x0.)
 
-Grid: every configuration in ``quality_presets.CONFIGS`` (vanilla, Min-SNR-5, ANT-UW with the
+Grid: the configurations in ``quality_presets.GRID`` (vanilla, Min-SNR-5, ANT-UW with the
 timestep / log-SNR / affinity objectives, ANT-Nash-MTL and ANT-PCGrad on log-SNR clusters,
-ANT-FAMO; K = 5) x seeds 0..N-1 (default 3). Everything else is fixed by the preset and equal for
+ANT-FAMO; K = 5) x seeds 0..N-1 (default 3); two ablations run when ``--configs`` names them:
+``ew_log_snr`` (the log-SNR clusters with equal weights: vanilla's loss with t stratified over
+the clusters) and ``uw_log_snr_slow`` (ANT-UW with its log-variances at lr 0.0025, 10x slower). Everything else is fixed by the preset and equal for
 all configurations: ProceduralShapes data (data_seed 0), model, steps, batch, optimiser
 (AdamW, lr with linear warm-up, gradient-norm clip 1.0 for every configuration, as the paper
 clips Nash-MTL), EMA, and the evaluation. Method settings: UW's log-variances at lr 0.025 (the
@@ -81,7 +83,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_presets import CONFIGS, PRESETS, Preset  # noqa: E402
+from quality_presets import CONFIGS, GRID, PRESETS, Preset  # noqa: E402
 from quality_report import (CONFIDENCE, LOWER_IS_BETTER, METRICS,  # noqa: E402
                             curve_table, paired_difference, plot_curves, summary_table, verdict,
                             verdict_lines, write_markdown)
@@ -169,7 +171,7 @@ class Benchmark:
         return TrainConfig(
             data="shapes", num_images=p.num_images, image_size=p.image_size, data_seed=0,
             model=p.model, model_config=dict(p.model_config), schedule="linear", T=p.T,
-            prediction=p.prediction, uw_lr=p.uw_lr, k=p.k, sampler="stratified", steps=steps,
+            prediction=p.prediction, k=p.k, sampler="stratified", steps=steps,
             batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
             grad_clip=p.grad_clip, ema_decay=p.ema_decay, seed=seed, device=self.device,
             out=str(out), log_every=max(1, p.steps // 100), keep_last=2, num_samples=16,
@@ -435,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help=f"one of {sorted(PRESETS)}")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
     p.add_argument("--configs", default="all",
-                   help=f"comma-separated subset of {list(CONFIGS)} (default all)")
+                   help=f"comma-separated names from {list(CONFIGS)}; default 'all': the grid "
+                   f"{list(GRID)}")
     p.add_argument("--out", default=None, help="output folder (default runs/quality-<preset>)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: the preset's)")
     p.add_argument("--threads", type=int, default=None,
@@ -466,7 +469,7 @@ def parse_args(argv=None):
         if args.k != preset.k:
             preset = dataclasses.replace(preset, k=args.k)
     if args.configs == "all":
-        configs = list(CONFIGS)
+        configs = list(GRID)
     else:
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         unknown = [c for c in configs if c not in CONFIGS]
@@ -504,29 +507,37 @@ def parse_args(argv=None):
     return preset, configs, list(range(args.seeds)), out, device, threads, args
 
 
-def _result_settings(settings: dict) -> dict:
-    """The settings that can change a result (not the preset's description or run defaults);
-    a preset field added later takes its default (the behaviour from before it existed), a
-    field since removed is dropped."""
+def _result_preset(settings: dict) -> dict:
+    """The preset settings that can change a result (not its description or run defaults); a
+    preset field added later takes its default (the behaviour from before it existed), a field
+    since removed is dropped."""
     ignored = ("description", "default_device", "default_threads", "default_jobs",
                "default_engine")
     fields = {f.name: f.default for f in dataclasses.fields(Preset)}
     preset = {**fields, **settings.get("preset", {})}
-    return {**settings, "preset": {k: v for k, v in preset.items()
-                                   if k in fields and k not in ignored}}
+    return {k: v for k, v in preset.items() if k in fields and k not in ignored}
 
 
 def check_settings(out: Path, preset: Preset) -> None:
-    """Refuse to mix results of different preset settings in one output folder."""
+    """Refuse to mix results of different preset settings in one output folder. A
+    configuration added since the folder was made is recorded in it (it does not change the
+    others' results); one whose settings changed is refused like a changed preset."""
     path = out / "settings.json"
     settings = {"preset": preset.to_dict(), "configs": {k: v[1] for k, v in CONFIGS.items()}}
     settings = json.loads(json.dumps(settings))
     if path.is_file():
         saved = json.loads(path.read_text())
-        if _result_settings(saved) != _result_settings(settings):
-            raise SystemExit(f"--out: {out} holds results made with other settings "
-                             f"(preset {saved.get('preset', {}).get('name')!r}); choose another "
+        saved_configs = saved.get("configs", {})
+        changed = [k for k in saved_configs.keys() & settings["configs"].keys()
+                   if saved_configs[k] != settings["configs"][k]]
+        if changed or _result_preset(saved) != _result_preset(settings):
+            what = f"configuration(s) {sorted(changed)}" if changed else "preset"
+            raise SystemExit(f"--out: {out} holds results made with other settings ({what}; "
+                             f"preset {saved.get('preset', {}).get('name')!r}); choose another "
                              "--out or delete it")
+        configs = {**settings["configs"], **saved_configs}
+        if configs != saved_configs:
+            _write_json(path, {**saved, "configs": configs})
     else:
         _write_json(path, settings)
 

@@ -38,7 +38,6 @@ class Preset:
     # ANT
     k: int = 5
     prediction: str = "eps"    # what the model predicts (the trainer's ``prediction``)
-    uw_lr: float = 0.025       # lr of UW's log-variances (the trainer's ``uw_lr``; paper: 0.025)
     default_device: str = "cpu"
     default_threads: int = 0   # 0: leave torch's default
     default_jobs: int = 1      # runs at a time (worker processes)
@@ -115,11 +114,6 @@ PRESETS["cpu-v"] = replace(
 PRESETS["cpu-x0"] = replace(
     PRESETS["cpu"], name="cpu-x0", description="the cpu preset with x0-prediction (UW's 1 / L_k "
     "weights then favour low noise); about 45 minutes on 2 cores", prediction="x0")
-#: the cpu preset with UW's log-variances 10x slower: in 1200 steps they move by at most ~3
-#: (weights within ~e^3 of each other) instead of reaching UW's equilibrium 1 / L_k (~1000x apart)
-PRESETS["cpu-uw-slow"] = replace(
-    PRESETS["cpu"], name="cpu-uw-slow", description="the cpu preset with UW's log-variance lr "
-    "0.0025 instead of 0.025 (a tempered UW); about 45 minutes on 2 cores", uw_lr=0.0025)
 
 
 #: configuration name -> (label, TrainConfig overrides). Order: vanilla first (it is the
@@ -134,7 +128,16 @@ CONFIGS = {
         method="nashmtl", objective="log_snr", method_config={"update_weights_every": 25})),
     "pcgrad_log_snr": ("ANT-PCGrad log-SNR", dict(method="pcgrad", objective="log_snr")),
     "famo_log_snr": ("ANT-FAMO log-SNR", dict(method="famo", objective="log_snr")),
+    # ablations (ABLATIONS): what do the clusters do without a method, or with a slower UW?
+    "ew_log_snr": ("ANT-EW log-SNR (stratified t, equal weights)", dict(
+        method="ew", objective="log_snr")),
+    "uw_log_snr_slow": ("ANT-UW log-SNR, log-variance lr 0.0025", dict(
+        method="uw", objective="log_snr", uw_lr=0.0025)),
 }
+#: run only when named in --configs
+ABLATIONS = ("ew_log_snr", "uw_log_snr_slow")
+#: the default grid: the configurations the paper compares
+GRID = tuple(name for name in CONFIGS if name not in ABLATIONS)
 
 #: configurations that are not ANT (no verdict line "ANT-..."; still compared with vanilla)
 BASELINES = ("vanilla", "min_snr")

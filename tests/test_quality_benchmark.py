@@ -210,8 +210,11 @@ def test_parallel_jobs_match_sequential(smoke_run, tmp_path, capsys):
 
 
 def test_every_config_trains_in_smoke(tmp_path, capsys):
+    assert quality.parse_args(["--preset", "smoke"])[1] == list(quality.GRID)  # the default
+    assert set(quality.GRID) < set(quality.CONFIGS)  # ablations run when named
     out = tmp_path / "all"
-    assert quality.main(["--preset", "smoke", "--seeds", "1", "--out", str(out)]) == 0
+    assert quality.main(["--preset", "smoke", "--seeds", "1", "--out", str(out),
+                         "--configs", ",".join(quality.CONFIGS)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["configs"]) == set(quality.CONFIGS)
@@ -289,19 +292,26 @@ def test_other_settings_in_out_folder_refused(tmp_path):
     quality.check_settings(out, smoke)
     with pytest.raises(SystemExit, match="--out"):
         quality.check_settings(out, dataclasses.replace(smoke, prediction="v"))
-    with pytest.raises(SystemExit, match="--out"):
-        quality.check_settings(out, dataclasses.replace(smoke, uw_lr=smoke.uw_lr / 10))
     # ... and a field since removed from the preset is dropped
     saved["preset"]["notes"] = ""
     (out / "settings.json").write_text(json.dumps(saved))
     quality.check_settings(out, smoke)
+    # a configuration added since is recorded; a changed one is refused
+    del saved["configs"]["ew_log_snr"]
+    (out / "settings.json").write_text(json.dumps(saved))
+    quality.check_settings(out, smoke)
+    assert "ew_log_snr" in json.loads((out / "settings.json").read_text())["configs"]
+    saved["configs"]["uw_log_snr"]["uw_lr"] = 0.5
+    (out / "settings.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"configuration\(s\) \['uw_log_snr'\]"):
+        quality.check_settings(out, smoke)
 
 
 def test_preset_training_settings_reach_the_train_config(tmp_path):
-    preset = dataclasses.replace(quality.PRESETS["smoke"], prediction="x0", uw_lr=0.003, k=4)
-    bench = quality.Benchmark(preset, tmp_path, "cpu", [0], ["uw_log_snr"])
-    cfg = bench.train_config("uw_log_snr", 0, tmp_path / "run", steps=2)
-    assert (cfg.prediction, cfg.uw_lr, cfg.k, cfg.method) == ("x0", 0.003, 4, "uw")
+    preset = dataclasses.replace(quality.PRESETS["smoke"], prediction="x0", k=4)
+    bench = quality.Benchmark(preset, tmp_path, "cpu", [0], ["uw_log_snr_slow"])
+    cfg = bench.train_config("uw_log_snr_slow", 0, tmp_path / "run", steps=2)
+    assert (cfg.prediction, cfg.uw_lr, cfg.k, cfg.method) == ("x0", 0.0025, 4, "uw")
     # the engine applies to the gradient methods only (the trainer refuses it elsewhere)
     bench = quality.Benchmark(preset, tmp_path, "cpu", [0], ["uw_log_snr", "pcgrad_log_snr"],
                               engine="one-backward")
