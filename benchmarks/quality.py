@@ -10,15 +10,16 @@ Grid: the configurations in ``quality_presets.GRID`` (vanilla, Min-SNR-5, ANT-UW
 timestep / log-SNR / affinity objectives, ANT-Nash-MTL and ANT-PCGrad on log-SNR clusters,
 ANT-FAMO; K = 5) x seeds 0..N-1 (default 3); two ablations run when ``--configs`` names them:
 ``ew_log_snr`` (the log-SNR clusters with equal weights: vanilla's loss with t stratified over
-the clusters) and ``uw_log_snr_slow`` (ANT-UW with its log-variances at lr 0.0025, 10x slower). Everything else is fixed by the preset and equal for
-all configurations: ProceduralShapes data (data_seed 0), model, steps, batch, optimiser
-(AdamW, lr with linear warm-up, gradient-norm clip 1.0 for every configuration, as the paper
-clips Nash-MTL), EMA, and the evaluation. Method settings: UW's log-variances at lr 0.025 (the
-TrainConfig default, as in the paper); Nash-MTL re-solves its weights every 25 steps (the
-paper's setting); PCGrad's projection order is seeded with the run seed; stratified sampling
-over the K = 5 clusters for the ANT configurations, uniform t for vanilla and Min-SNR. The
-per-task gradients of PCGrad and Nash-MTL come from K backward passes on the CPU presets and
-from the one-backward engine on the gpu preset (``--engine``: the same gradients, faster).
+the clusters) and ``uw_log_snr_slow`` (ANT-UW with its log-variances at lr 0.0025, 10x slower).
+Everything else is fixed by the preset and equal for all configurations: ProceduralShapes data
+(data_seed 0), model, steps, batch, optimiser (AdamW, lr with linear warm-up, gradient-norm clip
+1.0 for every configuration, as the paper clips Nash-MTL), EMA, and the evaluation. Method
+settings: UW's log-variances at lr 0.025 (the TrainConfig default, as in the paper); Nash-MTL
+re-solves its weights every 25 steps (the paper's setting); PCGrad's projection order is seeded
+with the run seed; stratified sampling over the K = 5 clusters for the ANT configurations,
+uniform t for vanilla and Min-SNR. The per-task gradients of PCGrad and Nash-MTL come from K
+backward passes on the CPU presets and from the one-backward engine on the gpu preset
+(``--engine``: the same gradients, faster).
 
 Protocol
 * Training goes through the public API only: ``TrainConfig`` + ``train(config, resume=True)``.
