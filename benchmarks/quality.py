@@ -150,10 +150,10 @@ def parse_args(argv=None):
                      f"{args.run!r}")
     if args.jobs is None:
         args.jobs = preset.default_jobs
-    if args.engine is None:
-        args.engine = preset.default_engine
     if args.jobs < 1:
         parser.error(f"--jobs: must be >= 1, got {args.jobs}")
+    if args.engine is None:
+        args.engine = preset.default_engine
     default_k = PRESETS[args.preset].k
     out = Path(args.out or f"runs/quality-{preset.name}"
                + ("" if preset.k == default_k else f"-k{preset.k}"))
@@ -164,11 +164,10 @@ def _result_preset(settings: dict) -> dict:
     """The preset settings that can change a result (not its description or run defaults); a
     preset field added later takes its default (the behaviour from before it existed), a field
     since removed is dropped."""
-    ignored = ("description", "default_device", "default_threads", "default_jobs",
-               "default_engine")
     fields = {f.name: f.default for f in dataclasses.fields(Preset)}
     preset = {**fields, **settings.get("preset", {})}
-    return {k: v for k, v in preset.items() if k in fields and k not in ignored}
+    return {k: v for k, v in preset.items()
+            if k in fields and k != "description" and not k.startswith("default_")}
 
 
 def check_settings(out: Path, preset: Preset) -> None:

@@ -38,6 +38,8 @@ class Preset:
     # ANT
     k: int = 5
     prediction: str = "eps"    # what the model predicts (the trainer's ``prediction``)
+    # run defaults (default_*): the CLI overrides them and they do not change a result, so an
+    # output folder's settings check ignores them
     default_device: str = "cpu"
     default_threads: int = 0   # 0: leave torch's default
     default_jobs: int = 1      # runs at a time (worker processes)

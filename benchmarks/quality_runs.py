@@ -71,8 +71,9 @@ class _Progress:
 
 class Benchmark:
     def __init__(self, preset: Preset, out: Path, device: str, seeds, configs,
-                 engine: str = "autograd"):
-        self.preset, self.out, self.device, self.engine = preset, Path(out), device, engine
+                 engine: str | None = None):
+        self.preset, self.out, self.device = preset, Path(out), device
+        self.engine = preset.default_engine if engine is None else engine
         self.seeds, self.configs = list(seeds), list(configs)
         self._held_out = None
         self._train_images = None
