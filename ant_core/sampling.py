@@ -11,6 +11,8 @@ their cluster ("task") labels::
   so every cluster receives the same count in the long run; ``t`` is uniform within its cluster.
 * :class:`UniformSampler` draws ``t`` uniformly from ``[0, T)`` and reports its cluster; it keeps
   the marginal timestep distribution of vanilla diffusion training.
+* :class:`NoiseLevelGroups` labels *continuous* noise levels (EDM's log-normal sigma, flow
+  matching's t) with the cluster of the nearest grid timestep in log-SNR, on the device.
 
 With ``sort_by_group=True`` (the default for both) the samples of each cluster are contiguous
 and clusters appear in ascending order — the layout the one-backward gradient engine
@@ -26,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["StratifiedSampler", "UniformSampler", "group_counts"]
+__all__ = ["StratifiedSampler", "UniformSampler", "NoiseLevelGroups", "group_counts"]
 
 
 def _check_int(name, value, minimum):
@@ -179,3 +181,69 @@ class UniformSampler(_ClusterSampler):
         batch_size = _check_int("batch_size", batch_size, 1)
         t = torch.randint(0, self.T, (batch_size,), generator=self.generator)
         return self._finish(t, self._labels[t], device)
+
+
+class NoiseLevelGroups:
+    """Cluster labels for continuous noise levels: EDM / k-diffusion code that draws ``sigma``
+    itself (e.g. log-normal), flow matching, any continuous-time diffusion.
+
+    Cluster the timesteps of a grid that covers the noise levels you train on (for EDM:
+    ``schedules.log_snr_grid(T, sigma_min, sigma_max)``), then label each sample with the cluster
+    of the grid timestep nearest to its log-SNR ``λ = −2 log σ``::
+
+        schedule = ant_core.schedules.log_snr_grid(1000, sigma_min=0.002, sigma_max=80.0)
+        clusters = ant_core.interval_clustering(5, "log_snr", schedule=schedule)
+        to_group = NoiseLevelGroups(clusters, schedule)
+        sigma = (torch.randn(B, device="cuda") * 1.2 - 1.2).exp()     # your sampling, unchanged
+        denoised = D(x + sigma.view(-1, 1, 1, 1) * torch.randn_like(x), sigma)
+        losses = ant_core.grouped_mse(denoised, x, to_group(sigma=sigma), clusters.k,
+                                      weight=edm_loss_weight(sigma))
+
+    The cluster boundaries in log-SNR are the midpoints between the log-SNRs of the last
+    timestep of a cluster and the first of the next; a noise level exactly on a boundary goes to
+    the less noisy cluster; levels beyond the grid go to the first (least noisy) or last cluster.
+    A NaN log-SNR (or a NaN or negative ``sigma``) gets the out-of-range label ``k``, which :func:`ant_core.grouped_mse`
+    reports (an error on the CPU, NaN losses on CUDA) instead of hiding it. No host sync.
+    """
+
+    def __init__(self, clusters, schedule):
+        from .schedules import get_schedule
+
+        for attr in ("k", "T", "ends"):
+            if not hasattr(clusters, attr):
+                raise TypeError(f"clusters must be an IntervalClusters (missing {attr!r})")
+        schedule = get_schedule(schedule)
+        if schedule.T != clusters.T:
+            raise ValueError(f"schedule has {schedule.T} timesteps, clusters have T={clusters.T}")
+        log_snr = schedule.log_snr
+        ends = np.asarray(clusters.ends[:-1], dtype=np.int64)
+        last, first = log_snr[ends - 1], log_snr[ends]
+        if not (np.all(np.isfinite(last)) and np.all(np.isfinite(first))):
+            raise ValueError("schedule's log-SNR must be finite on both sides of every cluster "
+                             "boundary (an infinite log-SNR has no midpoint)")
+        self.num_groups = int(clusters.k)
+        # Negated so that they ascend, as torch.bucketize needs.
+        self.negative_boundaries = -(last + first) / 2
+        self._on_device = {}
+
+    def __call__(self, *, sigma=None, log_snr=None) -> torch.Tensor:
+        """The cluster of every noise level: a LongTensor of the input's shape and device.
+
+        Pass exactly one of ``sigma`` (noise-to-signal ratio, > 0) or ``log_snr``, as a floating
+        tensor.
+        """
+        if (sigma is None) == (log_snr is None):
+            raise ValueError("pass exactly one of sigma or log_snr")
+        name, values = ("sigma", sigma) if sigma is not None else ("log_snr", log_snr)
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                            f"{getattr(values, 'dtype', type(values).__name__)}")
+        values = values.double()
+        negative_log_snr = 2 * torch.log(values) if sigma is not None else -values
+        boundaries = self._on_device.get(values.device)
+        if boundaries is None:
+            boundaries = torch.tensor(self.negative_boundaries, dtype=torch.float64,
+                                      device=values.device)
+            self._on_device[values.device] = boundaries
+        group = torch.bucketize(negative_log_snr, boundaries, right=False)
+        return torch.where(torch.isnan(negative_log_snr), self.num_groups, group)

@@ -1,10 +1,14 @@
-"""Cluster-aware samplers: exact counts, labels, marginals, determinism, per-rank streams."""
+"""Cluster-aware samplers: exact counts, labels, marginals, determinism, per-rank streams; labels
+of continuous noise levels."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import ant_core
 from ant_core.clustering import IntervalClusters
-from ant_core.sampling import StratifiedSampler, UniformSampler
+from ant_core.sampling import NoiseLevelGroups, StratifiedSampler, UniformSampler
 
 BOUNDS = [(0, 3), (3, 10), (10, 11), (11, 40), (40, 50)]
 
@@ -130,3 +134,97 @@ def test_bad_arguments(clusters):
         StratifiedSampler(clusters, seed=1, generator=torch.Generator())
     with pytest.raises(TypeError, match="sort_by_group"):
         StratifiedSampler(clusters, sort_by_group=1)
+
+
+# ----- continuous noise levels -------------------------------------------------------------
+
+def _nearest_grid_label(clusters, grid_log_snr, log_snr):
+    """Brute force: the label of the grid timestep nearest in log-SNR (first on ties)."""
+    lam = torch.as_tensor(grid_log_snr, dtype=torch.float64)
+    nearest = torch.argmin((log_snr.double().reshape(-1, 1) - lam).abs(), dim=1)
+    return torch.tensor(np.array(clusters.labels))[nearest].reshape(log_snr.shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["linear", "cosine", "log_snr_grid"]), st.integers(2, 60),
+       st.data())
+def test_noise_level_groups_match_nearest_grid_timestep(schedule_name, T, data):
+    from ant_core import schedules
+
+    schedule = schedules.get_schedule(schedule_name, T)
+    cuts = sorted(data.draw(st.sets(st.integers(1, T - 1), min_size=0, max_size=min(7, T - 1))))
+    edges = [0, *cuts, T]
+    clusters = IntervalClusters.from_bounds(list(zip(edges[:-1], edges[1:])))
+    to_group = NoiseLevelGroups(clusters, schedule)
+    grid = torch.tensor(schedule.log_snr)
+    # every grid point gets its own label, as sigma and as log-SNR
+    assert torch.equal(to_group(log_snr=grid), torch.tensor(np.array(clusters.labels)))
+    assert torch.equal(to_group(sigma=torch.tensor(schedule.sigmas)), torch.tensor(np.array(clusters.labels)))
+    # random levels inside and beyond the grid, in float32 and float64, any shape
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    span = float(grid[0] - grid[-1])
+    levels = grid[-1] - 0.2 * span + 1.4 * span * torch.rand(4, 50, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        values = levels.to(dtype)
+        expected = _nearest_grid_label(clusters, schedule.log_snr, values)
+        assert torch.equal(to_group(log_snr=values), expected)
+        sigma = torch.exp(-values.double() / 2)
+        assert torch.equal(to_group(sigma=sigma), expected)
+
+
+def test_noise_level_groups_boundaries_edges_and_nan():
+    from ant_core import schedules
+
+    schedule = schedules.log_snr_grid(10, sigma_min=0.01, sigma_max=100.0)
+    clusters = IntervalClusters.from_bounds([(0, 4), (4, 7), (7, 10)])
+    to_group = NoiseLevelGroups(clusters, schedule)
+    lam = schedule.log_snr
+    on_boundaries = torch.tensor([(lam[3] + lam[4]) / 2, (lam[6] + lam[7]) / 2], dtype=torch.float64)
+    assert to_group(log_snr=on_boundaries).tolist() == [0, 1]  # ties go to the less noisy cluster
+    nudged = on_boundaries - 1e-9
+    assert to_group(log_snr=nudged).tolist() == [1, 2]
+    edges = torch.tensor([0.0, 1e-30, 1e30, float("inf")], dtype=torch.float64)
+    assert to_group(sigma=edges).tolist() == [0, 0, 2, 2]  # beyond the grid: the end clusters
+    bad = torch.tensor([float("nan"), -1.0, 1.0])  # NaN and a negative sigma: label k
+    assert to_group(sigma=bad).tolist() == [3, 3, 1]
+    pred = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="group"):  # grouped_mse reports it
+        ant_core.grouped_mse(pred, pred, to_group(sigma=bad), clusters.k)
+
+
+def test_noise_level_groups_bad_input():
+    from ant_core import schedules
+
+    schedule = schedules.linear(50)
+    clusters = IntervalClusters.from_bounds(BOUNDS)
+    to_group = NoiseLevelGroups(clusters, schedule)
+    with pytest.raises(ValueError, match="exactly one"):
+        to_group()
+    with pytest.raises(ValueError, match="exactly one"):
+        to_group(sigma=torch.ones(2), log_snr=torch.ones(2))
+    with pytest.raises(TypeError, match="sigma"):
+        to_group(sigma=[1.0])
+    with pytest.raises(TypeError, match="log_snr"):
+        to_group(log_snr=torch.ones(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="T=50"):
+        NoiseLevelGroups(clusters, schedules.linear(60))
+    with pytest.raises(TypeError, match="clusters"):
+        NoiseLevelGroups(BOUNDS, schedule)
+    zero_terminal = np.concatenate([schedule.alphas_cumprod[:-1], [0.0]])
+    with pytest.raises(ValueError, match="finite"):
+        NoiseLevelGroups(IntervalClusters.from_bounds([(0, 49), (49, 50)]), zero_terminal)
+    # an infinite log-SNR away from the boundaries is fine
+    assert NoiseLevelGroups(clusters, zero_terminal)(log_snr=torch.tensor([-1e9])).item() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_noise_level_groups_cuda_matches_cpu():
+    from ant_core import schedules
+
+    schedule = schedules.cosine(1000)
+    clusters = ant_core.interval_clustering(5, "log_snr", schedule=schedule)
+    to_group = NoiseLevelGroups(clusters, schedule)
+    sigma = torch.exp(torch.randn(4096, dtype=torch.float64) * 3)
+    on_cuda = to_group(sigma=sigma.cuda())
+    assert on_cuda.device.type == "cuda"
+    assert torch.equal(on_cuda.cpu(), to_group(sigma=sigma))
