@@ -228,7 +228,12 @@ def interval_clustering(
     O(k T^2) DP; ``"monge"`` the O(k T log T) divide and conquer, allowed only when the cost
     satisfies the quadrangle inequality (proven for the deviation objectives on monotone series,
     checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed. Both return the
-    same optimum and the same tie-breaking (smallest boundaries, compared from the last).
+    same optimum and the same tie-breaking: among equally good partitions the most balanced one
+    (smallest sum of squared sizes), then the smallest boundaries compared from the last. Costs
+    are evaluated in float64 from prefix sums (a constant run costs exactly 0), so partitions
+    whose costs differ only by rounding (~1e-16 relative, e.g. deviations of 0.1, 0.2, 0.3) may
+    be ordered differently by the two methods. Finite input whose costs overflow float64 is a
+    ``ValueError``.
     """
     k = _check_int("k", k, minimum=1)
     min_size = _check_int("min_size", min_size, minimum=1)
@@ -335,10 +340,17 @@ def interval_clustering_batched(
             raise ValueError("objective must be 'affinity' or 'affinity_average' with affinity= "
                              f"(use interval_clustering for {objective!r}), got {objective!r}")
         costs = _affinity_costs_torch(data, objective)
+        if not bool(torch.isfinite(costs).all()):
+            raise ValueError("affinity: too large, the interval costs overflow double "
+                             "precision; rescale")
     if k > data.shape[1]:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={data.shape[1]}")
     boundaries, costs_by_k = torch_ops().interval_dp_batched(costs, k, min_size, max_size or 0)
     boundaries, costs_by_k = boundaries.cpu().numpy(), costs_by_k.cpu().numpy()
+    overflowed = np.flatnonzero(~np.isfinite(costs_by_k[:, -1]))
+    if overflowed.size:  # the CPU solver raises this itself; the CUDA kernel reports it here
+        raise ValueError(f"{name}: problem {overflowed[0]}: the interval costs overflow double "
+                         "precision (the optimum is not finite); rescale them")
     return [
         IntervalClusters(
             bounds=tuple(zip(b[:-1].tolist(), b[1:].tolist())),

@@ -156,6 +156,39 @@ def test_integer_series_ties_match_brute_force():
                                 exact_ties=objective == "abs")
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.1, 0.2, 0.3, 0.7, 1 / 3]), st.integers(1, 4)),
+                min_size=1, max_size=4, unique_by=lambda run: run[0]),
+       st.booleans(), st.sampled_from(["abs", "sse"]), st.data())
+def test_constant_runs_of_non_integer_values_cost_exactly_zero(runs, descending, objective, data):
+    """With k >= the number of constant runs the optimum is 0 and every interval is constant:
+    prefix sums of 0.1, 1/3, ... leave rounding residues, yet equally good partitions must tie
+    exactly, so both methods return the brute force's most balanced partition."""
+    runs = sorted(runs, reverse=descending)
+    x = np.concatenate([np.full(n, v) for v, n in runs])
+    k = data.draw(st.integers(len(runs), x.size))
+    direct = direct_cost(objective, x=x)
+    cost = lambda l, r: 0.0 if np.all(x[l:r + 1] == x[l]) else direct(l, r)
+    for method in ("exact", "monge"):
+        res = interval_clustering(k, objective, values=x, method=method)
+        assert res.cost == 0.0
+        check_against_brute(res, cost, x.size, k, exact_ties=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(k=2, objective="sse", values=[0.0, 1e200, 2e200, 3e200]),
+    dict(k=2, objective="abs", values=[0.0, 1e308, 1.5e308]),
+    dict(k=3, affinity=np.full((3, 3), 1e308)),
+    dict(k=3, affinity=np.full((3, 3), 1e308), method="exact"),
+    dict(k=2, affinity=np.full((3, 3), 1e308), objective="affinity_average"),
+    dict(k=4, cost_matrix=np.diag([1e308] * 4)),
+    dict(k=4, cost_matrix=np.diag([1e308, 1e308, -1e308, -1e308])),  # partial sums overflow
+])
+def test_finite_input_whose_costs_overflow_is_a_clear_error(kwargs):
+    with pytest.raises(ValueError, match="overflow double precision"):
+        interval_clustering(**kwargs)
+
+
 @pytest.mark.parametrize("objective", ["affinity", "affinity_medoid", "affinity_average"])
 def test_affinity_objectives_match_brute_force(objective):
     rng = np.random.default_rng(3)

@@ -80,6 +80,18 @@ def test_bad_input(kwargs, exc, match):
         interval_clustering_batched(**kwargs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", [
+    dict(k=3, affinity=np.stack([np.eye(3), np.full((3, 3), 1e308)])),
+    dict(k=4, cost_matrices=np.stack([np.zeros((4, 4)), np.diag([1e308] * 4)])),
+])
+def test_costs_that_overflow_are_a_clear_error(device, kwargs):
+    kwargs = {name: torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v
+              for name, v in kwargs.items()}
+    with pytest.raises(ValueError, match="overflow double precision"):
+        interval_clustering_batched(**kwargs)
+
+
 def test_op_checks_directly():
     import ant_core._extension as ext
 

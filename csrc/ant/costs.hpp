@@ -18,6 +18,25 @@ inline void check_finite(const double* x, int64_t n, const char* name) {
                                   std::to_string(t) + " is " + std::to_string(x[t]));
 }
 
+/// Finite values can still overflow the sums a cost is computed from: every |sum| times
+/// `headroom` (a bound on how the cost combines them) must stay finite.
+inline void check_sums_finite(const std::vector<double>& sums, double headroom, const char* name) {
+  for (double v : sums)
+    if (!std::isfinite(v * headroom))
+      throw std::invalid_argument(std::string(name) +
+                                  ": too large, the interval costs overflow double precision; "
+                                  "rescale");
+}
+
+/// run_end[j] = the end of the run of equal values that starts at or covers j, so that [j, i) is
+/// constant iff i <= run_end[j]. Its cost is then exactly 0: prefix-sum differences would leave
+/// a rounding residue of either sign, and equally good partitions would no longer tie.
+inline std::vector<int64_t> constant_run_ends(const double* x, int64_t n) {
+  std::vector<int64_t> run_end(n + 1, n);
+  for (int64_t t = n - 2; t >= 0; --t) run_end[t] = x[t + 1] == x[t] ? run_end[t + 1] : t + 1;
+  return run_end;
+}
+
 /// +1 if non-decreasing, -1 if non-increasing (constant counts as non-decreasing), 0 otherwise.
 inline int monotone_direction(const double* x, int64_t n) {
   bool up = true, down = true;
@@ -40,7 +59,8 @@ inline int monotone_direction(const double* x, int64_t n) {
 /// the DP's inner loop (fixed j, increasing i) free of gathers, so it vectorises.
 class AbsDeviationCost {
  public:
-  AbsDeviationCost(const double* x, int64_t n) : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0) {
+  AbsDeviationCost(const double* x, int64_t n)
+      : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0), run_end_(constant_run_ends(x, n)) {
     check_finite(x, n, "values");
     const int dir = monotone_direction(x, n);
     if (dir == 0)
@@ -54,18 +74,24 @@ class AbsDeviationCost {
       const int64_t c = (m - 1) / 2;
       g_[m] = prefix_[c] + prefix_[c + 1] + (m % 2 == 0 ? value(c) : 0.0);
     }
+    check_sums_finite(prefix_, 8.0, "values");  // |G| <= 4 max |P|, the cost adds three terms
   }
-  double operator()(int64_t j, int64_t i) const { return prefix_[i] + prefix_[j] - g_[i + j]; }
+  double operator()(int64_t j, int64_t i) const {
+    const double cost = prefix_[i] + prefix_[j] - g_[i + j];
+    return i <= run_end_[j] ? 0.0 : std::max(cost, 0.0);
+  }
 
  private:
   std::vector<double> prefix_, g_;
+  std::vector<int64_t> run_end_;
 };
 
 /// Within-interval sum of squared errors around the interval mean (1-D k-means cost). Monge
 /// when the series is monotone; any series is accepted (the exact solver then applies).
 class SquaredErrorCost {
  public:
-  SquaredErrorCost(const double* x, int64_t n) : s1_(n + 1, 0.0), s2_(n + 1, 0.0) {
+  SquaredErrorCost(const double* x, int64_t n)
+      : s1_(n + 1, 0.0), s2_(n + 1, 0.0), run_end_(constant_run_ends(x, n)) {
     check_finite(x, n, "values");
     // Shifting by a data point keeps the prefix sums well conditioned, and integer data
     // integer (so equal costs stay exactly equal and tie-breaking is not decided by rounding).
@@ -75,15 +101,17 @@ class SquaredErrorCost {
       s1_[t + 1] = s1_[t] + v;
       s2_[t + 1] = s2_[t] + v * v;
     }
+    check_sums_finite(s2_, static_cast<double>(n), "values");  // s^2 <= (i - j) * sum v^2
   }
   double operator()(int64_t j, int64_t i) const {
     const double s = s1_[i] - s1_[j];
     const double sse = (s2_[i] - s2_[j]) - s * s / static_cast<double>(i - j);
-    return sse > 0.0 ? sse : 0.0;  // rounding can leave a tiny negative for a constant run
+    return i <= run_end_[j] ? 0.0 : std::max(sse, 0.0);
   }
 
  private:
   std::vector<double> s1_, s2_;
+  std::vector<int64_t> run_end_;
 };
 
 /// A dense row-major T x T matrix C where C[l * T + r] is the cost of the inclusive interval
@@ -121,6 +149,7 @@ inline std::vector<double> affinity_cost_matrix(const double* A, int64_t T, Affi
                              S[(r + 1) * (T + 1) + l] + S[l * (T + 1) + l];
         C[l * T + r] = -block / static_cast<double>(r - l + 1);
       }
+    check_sums_finite(C, 1.0, "affinity");
     return C;
   }
   // Row prefix sums R[c * (T+1) + t] = sum_{s < t} A[c, s].
@@ -140,6 +169,7 @@ inline std::vector<double> affinity_cost_matrix(const double* A, int64_t T, Affi
         C[l * T + r] = -best;
       }
     }
+  check_sums_finite(C, 1.0, "affinity");
   return C;
 }
 

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
@@ -179,7 +180,8 @@ void monge_layer(const Cost& cost, int64_t T, int64_t k, int64_t mn, int64_t mx,
 }  // namespace detail
 
 /// Solves the interval clustering problem for every k <= K and returns the K-interval optimum.
-/// Throws std::invalid_argument for K < 1, K > T or infeasible size bounds.
+/// Throws std::invalid_argument for K < 1, K > T, infeasible size bounds or costs whose optimum
+/// overflows double precision.
 template <class Cost>
 Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
                 Method method = Method::Exact) {
@@ -206,10 +208,15 @@ Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
     std::swap(prev, cur);
   }
   out.cost = out.costs_by_k[K - 1];
+  // The size bounds are feasible, so a non-finite optimum means the costs overflowed.
+  if (!std::isfinite(out.cost))
+    throw std::invalid_argument("the interval costs overflow double precision (the optimum is " +
+                                std::to_string(out.cost) + "); rescale them");
   out.boundaries.assign(K + 1, 0);
   out.boundaries[K] = T;
   for (int64_t k = K, i = T; k >= 1; --k) {
     i = arg[static_cast<size_t>(k - 1) * (T + 1) + i];
+    if (i < 0) throw std::logic_error("interval DP: no split recorded on the optimal path");
     out.boundaries[k - 1] = i;
   }
   return out;

@@ -3,6 +3,9 @@
 #include "ops/interval_dp_batched.h"
 
 #include <ATen/Parallel.h>
+#include <exception>
+#include <string>
+#include <vector>
 #include <torch/library.h>
 
 #include "ant/costs.hpp"
@@ -41,14 +44,22 @@ std::tuple<at::Tensor, at::Tensor> interval_dp_batched_cpu(const at::Tensor& cos
   const double* src = c.data_ptr<double>();
   int64_t* bnd = boundaries.data_ptr<int64_t>();
   double* cbk = costs_by_k.data_ptr<double>();
+  std::vector<std::string> errors(B);  // per problem, so that no thread throws
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const ant::Partition p = ant::solve(ant::MatrixCost(src + b * T * T, T), T, k,
-                                          ant::SizeBounds{min_size, max_size}, ant::Method::Exact);
-      std::copy(p.boundaries.begin(), p.boundaries.end(), bnd + b * (k + 1));
-      std::copy(p.costs_by_k.begin(), p.costs_by_k.end(), cbk + b * k);
+      try {
+        const ant::Partition p = ant::solve(ant::MatrixCost(src + b * T * T, T), T, k,
+                                            ant::SizeBounds{min_size, max_size},
+                                            ant::Method::Exact);
+        std::copy(p.boundaries.begin(), p.boundaries.end(), bnd + b * (k + 1));
+        std::copy(p.costs_by_k.begin(), p.costs_by_k.end(), cbk + b * k);
+      } catch (const std::exception& e) {
+        errors[b] = e.what();
+      }
     }
   });
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(errors[b].empty(), "interval_dp_batched: problem ", b, ": ", errors[b]);
   return {boundaries, costs_by_k};
 }
 
