@@ -130,12 +130,20 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
         with a bad id also get NaN gradients). Call :func:`check_groups` (which synchronizes)
         to get a ``ValueError`` instead.
 
-    Works under autograd (first-order gradients), ``torch.compile(fullgraph=True)`` (fake
+    Works under autograd (gradients of any order: with ``create_graph=True`` the gradient comes
+    from differentiable torch ops instead of the fused kernel), ``torch.compile(fullgraph=True)`` (fake
     kernels are registered), AMP and CUDA graphs; CUDA kernels run on the current stream, one
     launch per direction, and give bitwise-identical results from run to run (as does the CPU
     path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing with
     plain torch ops.
     """
+    for name, value in (("pred", pred), ("target", target), ("groups", groups),
+                        ("weight", torch.empty(0) if weight is None else weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"grouped_mse: {name} must be a torch.Tensor, got "
+                            f"{type(value).__name__}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"grouped_mse: num_groups must be an int, got {type(num_groups).__name__}")
     group_loss, sample_mse, _ = _grouped_mse_op(pred, target, groups, num_groups, weight)
     if not return_per_sample:
         return group_loss

@@ -351,6 +351,39 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(lambda p, t, w: grouped_mse(p, t, groups, 3, w), leaves)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_float64(device):
+    """create_graph=True (gradient penalties) differentiates the gradient itself."""
+    pred, target, groups, weight = make_case((5, 2, 3), 3, device, torch.float64, weighted=True)
+    groups = torch.tensor([0, 2, 2, 0, 0], device=device)
+    leaves = [x.requires_grad_(True) for x in (pred, target, weight)]
+
+    def loss_and_per_sample(p, t, w):
+        return grouped_mse(p, t, groups, 3, w, return_per_sample=True)
+
+    assert torch.autograd.gradgradcheck(loss_and_per_sample, leaves)
+    assert torch.autograd.gradgradcheck(lambda p, t: grouped_mse(p, t, groups, 3), leaves[:2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_penalty_matches_reference(device, dtype):
+    """A penalty on the input gradient (R1-style) trains like the pure-torch reference."""
+    pred, target, groups, weight = make_case((6, 3, 4, 4), 4, device, dtype, weighted=True)
+    results = []
+    for fn in (grouped_mse, reference_grouped_mse):
+        p = pred.detach().clone().requires_grad_(True)
+        losses = fn(p, target, groups, 4, weight)
+        (grad,) = torch.autograd.grad(losses.sum(), p, create_graph=True)
+        penalty = grad.float().square().sum()
+        (second,) = torch.autograd.grad(losses.sum() + penalty, p)
+        results.append((grad.detach().float(), second.float()))
+    (grad, second), (ref_grad, ref_second) = results
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    torch.testing.assert_close(second, ref_second, **tol)
+
+
 def test_compile_fullgraph_aot_eager():
     pred, target, groups, weight = make_case((6, 3, 8, 8), 3, "cpu", torch.float32, weighted=True)
     pred.requires_grad_(True)
@@ -444,6 +477,11 @@ def bad_inputs():
         ("pred_scalar", (torch.tensor(1.0), torch.tensor(1.0), g[:1], 1, None), ValueError, "pred"),
         ("empty_batch", (torch.randn(0, 3), torch.randn(0, 3), g[:0], 2, None), ValueError, "pred"),
         ("empty_sample", (torch.randn(4, 0), torch.randn(4, 0), g, 2, None), ValueError, "pred"),
+        ("pred_array", (p.numpy(), t, g, 2, None), TypeError, "pred"),
+        ("groups_list", (p, t, g.tolist(), 2, None), TypeError, "groups"),
+        ("weight_list", (p, t, g, 2, w.tolist()), TypeError, "weight"),
+        ("num_groups_float", (p, t, g, 2.0, None), TypeError, "num_groups"),
+        ("num_groups_bool", (p, t, g, True, None), TypeError, "num_groups"),
     ]
 
 

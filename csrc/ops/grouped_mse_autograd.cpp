@@ -14,6 +14,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace ant_core {
 namespace {
@@ -47,6 +48,32 @@ std::tuple<at::Tensor, at::Tensor> grouped_mse_backward_op(
               const std::optional<at::Tensor>&, bool)>();
   return op.call(grad_group, grad_sample, pred, target, groups, group_count, weight,
                  need_grad_target);
+}
+
+// The gradients of pred and target from differentiable aten ops, for a backward that builds a
+// graph (create_graph=True: gradient penalties, double backward). The fused kernel's result is
+// not differentiable; this is the same formula, 2/N * (w_i * dL_{g_i} / count_{g_i} + dl_i) *
+// (pred_i - target_i), accumulated in float32 (float64 when an input is).
+std::tuple<at::Tensor, at::Tensor> differentiable_grads(
+    const at::Tensor& grad_group, const at::Tensor& grad_sample, const at::Tensor& pred,
+    const at::Tensor& target, const at::Tensor& groups, const at::Tensor& group_count,
+    const at::Tensor& weight, int64_t num_groups) {
+  const auto acc = pred.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble
+                       ? at::kDouble
+                       : at::kFloat;
+  const int64_t batch = pred.size(0);
+  const at::Tensor per_group = grad_group.to(acc) / group_count.clamp_min(1).to(acc);
+  // Ids outside [0, K) occur only on CUDA; as in the fused kernel their gradient is NaN.
+  const at::Tensor valid = groups.ge(0).logical_and(groups.lt(num_groups));
+  at::Tensor coef = per_group.index_select(0, groups.clamp(0, num_groups - 1).to(at::kLong));
+  if (weight.defined()) coef = coef * weight.to(acc);
+  if (grad_sample.defined()) coef = coef + grad_sample.to(acc);
+  coef = at::where(valid, coef, std::numeric_limits<double>::quiet_NaN());
+  std::vector<int64_t> shape(pred.dim(), 1);
+  shape[0] = batch;
+  const double scale = 2.0 * static_cast<double>(batch) / static_cast<double>(pred.numel());
+  const at::Tensor grad = (coef * scale).view(shape) * (pred.to(acc) - target.to(acc));
+  return {grad.to(pred.scalar_type()), grad.neg().to(target.scalar_type())};
 }
 
 std::optional<at::Tensor> optional(const at::Tensor& t) {
@@ -85,9 +112,13 @@ class GroupedMse : public torch::autograd::Function<GroupedMse> {
     if (!grad_group.defined() && !grad_sample.defined()) return out;
     if (!grad_group.defined()) grad_group = at::zeros({num_groups}, sample_mse.options());
     if (need_pred || need_target) {
+      // Grad mode is on in a backward exactly when it builds a graph (create_graph=True).
       auto [grad_pred, grad_target] =
-          grouped_mse_backward_op(grad_group, optional(grad_sample), pred, target, groups,
-                                  group_count, optional(weight), need_target);
+          at::GradMode::is_enabled()
+              ? differentiable_grads(grad_group, grad_sample, pred, target, groups, group_count,
+                                     weight, num_groups)
+              : grouped_mse_backward_op(grad_group, optional(grad_sample), pred, target, groups,
+                                        group_count, optional(weight), need_target);
       if (need_pred) out[0] = grad_pred;
       if (need_target) out[1] = grad_target;
     }
