@@ -7,6 +7,7 @@ costs, validates input, picks the solver and wraps the result. It does not impor
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,9 @@ OBJECTIVES = {
 _METHODS = ("auto", "exact", "monge")
 
 
+_NO_COST = float("nan")  # one NaN object: clusters without a cost compare equal (tuple identity)
+
+
 @dataclass(frozen=True)
 class IntervalClusters:
     """The result of interval clustering.
@@ -41,7 +45,7 @@ class IntervalClusters:
     """
 
     bounds: tuple
-    cost: float = float("nan")
+    cost: float = _NO_COST
     costs_by_k: tuple = ()
     objective: str = "custom"
     fast_path: bool = False
@@ -59,6 +63,7 @@ class IntervalClusters:
             if nxt[0] is not None and nxt[0] != e:
                 raise ValueError(f"bounds must be contiguous, got ({s}, {e}) then {nxt}")
         object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "cost", _NO_COST if math.isnan(self.cost) else float(self.cost))
         object.__setattr__(self, "costs_by_k", tuple(float(c) for c in self.costs_by_k))
         labels = np.repeat(np.arange(len(bounds), dtype=np.int64), self.sizes)
         labels.setflags(write=False)
@@ -103,26 +108,30 @@ class IntervalClusters:
         return np.searchsorted(self.ends, t_arr, side="right")
 
     def to_dict(self) -> dict:
+        """Plain, strict-JSON data: an unknown ``cost`` (NaN) and the ``costs_by_k`` of an
+        infeasible k (inf) are written as None."""
+        finite = lambda v: float(v) if math.isfinite(v) else None
         return {
             "bounds": [list(b) for b in self.bounds],
-            "cost": self.cost,
-            "costs_by_k": list(self.costs_by_k),
+            "cost": finite(self.cost),
+            "costs_by_k": [finite(v) for v in self.costs_by_k],
             "objective": self.objective,
             "fast_path": self.fast_path,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "IntervalClusters":
+        cost = d.get("cost")
         return cls(
             bounds=tuple(tuple(b) for b in d["bounds"]),
-            cost=d.get("cost", float("nan")),
-            costs_by_k=tuple(d.get("costs_by_k", ())),
+            cost=_NO_COST if cost is None else cost,
+            costs_by_k=tuple(math.inf if v is None else v for v in d.get("costs_by_k", ())),
             objective=d.get("objective", "custom"),
             fast_path=d.get("fast_path", False),
         )
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        return json.dumps(self.to_dict(), allow_nan=False)
 
     def __len__(self) -> int:
         return self.k

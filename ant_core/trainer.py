@@ -410,7 +410,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(_jsonable(self.config.to_dict()),
                                                          indent=2))
-        (self.out / "clusters.json").write_text(json.dumps(self.clusters.to_dict(), indent=2))
+        (self.out / "clusters.json").write_text(json.dumps(self.clusters.to_dict(), indent=2,
+                                                               allow_nan=False))
         log = self.out / "metrics.jsonl"
         if self.step == 0:
             log.write_text("")

@@ -1,5 +1,6 @@
 """Interval clustering against exhaustive brute force and direct O(T) cost evaluation."""
 import itertools
+import json
 import subprocess
 import sys
 
@@ -321,6 +322,11 @@ def test_interval_clusters_type():
     with pytest.raises(ValueError, match="t must"):
         c.group_of(10)
     assert IntervalClusters.from_dict(c.to_dict()) == c
+    # strict JSON: an unknown cost (NaN) and an infeasible k's cost (inf) are null
+    bounded = interval_clustering(3, "timestep", T=10, max_size=4)
+    assert bounded.costs_by_k[:2] == (np.inf, np.inf)
+    for clusters in (c, bounded):
+        assert IntervalClusters.from_dict(json.loads(clusters.to_json())) == clusters
     assert IntervalClusters.uniform(1000, 5).bounds == interval_clustering(5, "timestep").bounds
     with pytest.raises(ValueError, match="contiguous"):
         IntervalClusters.from_bounds([(0, 3), (4, 5)])
