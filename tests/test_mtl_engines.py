@@ -192,6 +192,15 @@ def test_refuses_batch_norm_and_inplace_outputs():
         engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()), group=group)
     with pytest.raises(ValueError, match="group"):
         engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()))
+    # a layer's input modified in place after the forward (autograd would refuse it too)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).double()
+    engine = OneBackwardEngine(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with engine.record():
+        out = model(x).squeeze(1)
+    x.mul_(2)
+    with pytest.raises(ValueError, match="input of Linear.* in place"):
+        engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()), group=group)
     with pytest.raises(TypeError, match="model"):
         OneBackwardEngine("model")
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).double()

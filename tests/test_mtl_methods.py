@@ -61,6 +61,92 @@ def test_gradient_is_weighted_sum_and_accumulates(name):
                 method.update(_losses(model, x, y, group) * 0.9)
 
 
+@pytest.mark.parametrize("name", mtl.available())
+def test_detached_losses_are_refused(name):
+    model, x, y, group = _problem()
+    with torch.no_grad():
+        losses = _losses(model, x, y, group)
+    with pytest.raises(ValueError, match="losses do not require grad"):
+        mtl.create(name, num_tasks=K).backward(losses, model.parameters())
+
+
+def _absent_task_problem():
+    """Task 1 has no sample in the batch: grouped_mse gives it a loss of exactly 0."""
+    model, x, y, _ = _problem()
+    group = torch.tensor([0, 2] * 6)
+    per_sample = (model(x) - y).pow(2).mean(1)
+    losses = torch.stack([per_sample[group == 0].mean(), per_sample.sum() * 0,
+                          per_sample[group == 2].mean()])
+    return model, losses, group
+
+
+def test_absent_task_is_left_out_of_the_weighting_statistics():
+    # FAMO: weight 0 for the absent task, the others as FAMO on the present ones
+    model, losses, group = _absent_task_problem()
+    famo = mtl.create("famo", num_tasks=K)
+    w = famo.backward(losses, model.parameters(), group=group).double()
+    present = losses.detach()[[0, 2]]
+    expected = (1 / present) / (1 / present).sum()  # z uniform: w_k ∝ 1 / D_k
+    torch.testing.assert_close(w[[0, 2]], expected, rtol=1e-6, atol=0)
+    assert w[1] == 0
+    delta = famo.update(losses.detach() * 0.5, group=group)
+    assert delta[1] == 0 and torch.all(delta[[0, 2]] > 0)
+    lagged = mtl.create("famo", num_tasks=K, reevaluate=False)
+    for step in range(3):
+        model.zero_grad()
+        model, losses, group = _absent_task_problem()
+        w = lagged.backward(losses * (1 - 0.1 * step), model.parameters(), group=group)
+        assert w[1] == 0 and torch.isfinite(w).all()
+    assert torch.isfinite(lagged.logits).all()
+    # UW: the absent task's log-variance gets no gradient (a loss of 0 would push it down)
+    model, losses, group = _absent_task_problem()
+    uw = mtl.create("uw", num_tasks=K).double()
+    uw.backward(losses, model.parameters(), group=group)
+    assert uw.log_vars.grad[1] == 0 and torch.all(uw.log_vars.grad[[0, 2]] != 0)
+    # DWA: the absent task keeps its previous loss in the history, ratios stay finite
+    dwa = mtl.create("dwa", num_tasks=K)
+    for step in range(4):
+        model, losses, group = _absent_task_problem()
+        if step != 1:  # every task present
+            group = torch.arange(12) % K
+            losses = losses + torch.tensor([0.0, 1.0 + step, 0.0], dtype=losses.dtype)
+        w = dwa.backward(losses, model.parameters(), group=group)
+        assert torch.isfinite(w).all()
+    # history after steps 2 and 3 (both full): ratio 4/3 for task 1
+    assert dwa.loss_history[:, 1].tolist() == [3.0, 4.0]
+    # GradNorm: a task's initial loss is its first loss while present
+    gradnorm = mtl.create("gradnorm", num_tasks=K)
+    model, losses, group = _absent_task_problem()
+    gradnorm.backward(losses, model.parameters(), group=group)
+    assert gradnorm.initialised.tolist() == [True, False, True]
+    assert gradnorm.task_weights.grad[1] == 0
+    full = torch.arange(12) % K
+    model, x, y, _ = _problem()
+    losses = _losses(model, x, y, full)
+    gradnorm.backward(losses, model.parameters(), group=full)
+    assert gradnorm.initialised.all()
+    assert gradnorm.initial_losses[1] == losses[1].item()
+    old_checkpoint = {**gradnorm.state_dict(), "initialised": torch.tensor(True)}
+    restored = mtl.create("gradnorm", num_tasks=K)
+    restored.load_state_dict(old_checkpoint)
+    assert restored.initialised.tolist() == [True] * K
+
+
+def test_famo_skips_a_step_with_a_non_finite_loss():
+    for bad in (float("nan"), float("inf")):
+        famo = mtl.create("famo", num_tasks=2)
+        x = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+        famo.backward(torch.tensor([0.5, 0.4], dtype=torch.float64) * x, [x])
+        state = {k: v.clone() for k, v in famo.state_dict().items()}
+        famo.update(torch.tensor([bad, 0.3], dtype=torch.float64))
+        for key in ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_step"):
+            assert torch.equal(famo.state_dict()[key], state[key]), key
+        w = famo.backward(torch.tensor([0.5, 0.4], dtype=torch.float64) * x, [x])
+        assert torch.isfinite(w).all()
+        famo.update(torch.tensor([0.4, 0.3], dtype=torch.float64))
+        assert famo.adam_step.item() == 1 and torch.isfinite(famo.logits).all()
+
+
 def test_frozen_and_unused_parameters():
     model, x, y, group = _problem()
     model[0].bias.requires_grad_(False)
@@ -222,6 +308,50 @@ def test_mgda_min_norm():
         if k <= 3:
             best = min(a @ gram @ a for a in _simplex_grid(k, 200))
             assert value <= best + 1e-9
+
+
+def _min_norm_by_enumeration(gram):
+    """The exact min-norm point: the best over all supports of their affine min-norm point,
+    where that point has non-negative weights (independent of Wolfe's iteration)."""
+    k = gram.shape[0]
+    best = None
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            sub = gram[np.ix_(support, support)]
+            kkt = np.block([[sub, np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+            mu = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=None)[0][:size]
+            if np.all(mu >= -1e-12):
+                alpha = np.zeros(k)
+                alpha[list(support)] = np.clip(mu, 0, None) / np.clip(mu, 0, None).sum()
+                value = alpha @ gram @ alpha
+                best = value if best is None else min(best, value)
+    return best
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.integers(3, 6), st.integers(1, 9), st.floats(0.0, 3.0), st.integers(0, 10_000))
+def test_mgda_exact_on_ill_conditioned_gramians(num_tasks, dim, spread, seed):
+    """Task-gradient norms 10^±spread apart: projected gradient descent stalled there (|d| up
+    to 766x the optimum); Wolfe's algorithm is exact up to rounding."""
+    rng = np.random.default_rng(seed)
+    grads = rng.normal(size=(num_tasks, dim)) * 10 ** rng.uniform(-spread, spread, (num_tasks, 1))
+    gram = grads @ grads.T
+    alpha = solvers.mgda_weights(gram)
+    assert abs(alpha.sum() - 1) < 1e-12 and np.all(alpha >= 0)
+    value, scale = alpha @ gram @ alpha, np.max(np.diag(gram))
+    best = _min_norm_by_enumeration(gram)
+    assert value <= best * (1 + 1e-9) + 1e-12 * scale
+    assert np.all(gram @ alpha >= value - 1e-9 * scale)  # KKT: no vertex improves
+
+
+def test_mgda_ill_conditioned_case_from_an_audit():
+    grads = np.array([[-6.44, 54.9, 16.2, -19.1], [0.188, -0.435, -0.182, 0.241],
+                      [-0.042, 0.0, 0.002, 0.0056]])
+    gram = grads @ grads.T
+    alpha = solvers.mgda_weights(gram)
+    np.testing.assert_allclose(np.sqrt(alpha @ gram @ alpha),
+                               np.sqrt(_min_norm_by_enumeration(gram)), rtol=1e-9)
+    np.testing.assert_allclose(alpha, [0.0016, 0.180, 0.818], atol=1e-3)
 
 
 def test_cagrad_against_brute_force_and_explicit_vectors():

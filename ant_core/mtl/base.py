@@ -142,6 +142,9 @@ class MTLMethod(nn.Module):
 
     def _prepare(self, losses, shared_parameters, task_counts, group, grad_scaler):
         losses = self._check_losses(losses)
+        if not losses.requires_grad:
+            raise ValueError("losses do not require grad (computed under torch.no_grad() or "
+                             "detached?): there is nothing to backpropagate")
         params = _check_parameters(shared_parameters)
         if task_counts is None and group is not None:
             task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
@@ -165,8 +168,6 @@ class MTLMethod(nn.Module):
         coeffs = (weights * shares).to(losses.dtype) * scale.to(losses.dtype)
         objective = (coeffs * losses).sum()
         single = distributed.world_size(self.process_group) == 1
-        if not objective.requires_grad:
-            return weights
         if single and max_norm is None:  # accumulate straight into .grad, as loss.backward()
             torch.autograd.backward(objective, inputs=params)
             return weights

@@ -70,8 +70,15 @@ def task_shares(num_tasks, task_counts, device, process_group=None):
 
 
 def global_losses(losses, shares, process_group=None):
-    """Union-batch task losses ``Σ_r share_{k,r} L_{k,r}`` (detached float64), same on ranks."""
-    values = losses.detach().to(torch.float64) * shares
+    """Union-batch task losses ``Σ_r share_{k,r} L_{k,r}`` (detached float64) and which tasks
+    have a sample in the union batch (bool; all True when no ``task_counts`` were given), the
+    same on every rank; one all-reduce of 2K numbers.
+
+    An absent task's loss is 0 (``grouped_mse`` of an empty group): a method that reads loss
+    values (ratios, logs, per-task statistics) must leave it out rather than take the 0."""
+    values = losses.detach().to(torch.float64)
     if world_size(process_group) == 1:
-        return losses.detach().to(torch.float64)
-    return all_reduce_sum([values], process_group)[0]
+        return values, shares > 0
+    reduced = torch.stack([values * shares, shares])
+    all_reduce_sum([reduced], process_group)
+    return reduced[0], reduced[1] > 0

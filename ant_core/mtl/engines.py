@@ -249,7 +249,8 @@ class OneBackwardEngine:
     def _hook(self, module, inputs, output):
         if self._recording and torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
                 and output.requires_grad and inputs and isinstance(inputs[0], torch.Tensor):
-            self._records.append((module, inputs[0].detach(), output, output._version))
+            x = inputs[0]
+            self._records.append((module, x.detach(), x._version, output, output._version))
 
     @contextlib.contextmanager
     def record(self):
@@ -296,9 +297,10 @@ class OneBackwardEngine:
         tasks = TaskSegments(group.reshape(-1).to(losses.device), losses.numel())
         batch = tasks.batch_size
         usable, rejected = [], set()
-        for module, x, y, version in records:
-            if y._version != version:
-                raise ValueError(f"the output of {module} was modified in place after its "
+        for module, x, x_version, y, y_version in records:
+            if x._version != x_version or y._version != y_version:
+                which = "input" if x._version != x_version else "output"
+                raise ValueError(f"the {which} of {module} was modified in place after its "
                                  "forward; use out-of-place ops (e.g. inplace=False)")
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != batch or y.shape[0] != batch:
                 rejected.add(module)

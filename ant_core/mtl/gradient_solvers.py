@@ -3,7 +3,8 @@
 Each gradient method's update is ``Σ_k c_k g_k`` where ``c`` depends on the per-task gradients
 only through their Gramian ``G_kl = <g_k, g_l>``. The functions here take ``G`` as a float64
 numpy array and return ``c`` as a float64 numpy array; they are cheap (K×K work) and exact up to
-solver tolerance. Tasks whose gradient is exactly zero (``G_kk == 0``, e.g. a cluster with no
+solver tolerance (MGDA's min-norm point exactly, by Wolfe's finite algorithm; CAGrad's inner
+problem by projected gradient descent). Tasks whose gradient is exactly zero (``G_kk == 0``, e.g. a cluster with no
 sample in the batch) get coefficient 0 in Nash-MTL and IMTL-G (they contribute nothing anyway).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 __all__ = ["NashMTLSolveError", "nash_mtl_weights", "mgda_weights", "cagrad_coefficients",
            "imtlg_coefficients", "aligned_mtl_coefficients", "pcgrad_coefficients",
-           "project_to_simplex"]
+           "project_to_simplex", "min_norm_point"]
 
 
 class NashMTLSolveError(RuntimeError):
@@ -120,8 +121,52 @@ def _simplex_minimise(value_and_grad, K, max_iter=2000, tol=1e-13):
     return x
 
 
+def _affine_min_norm(G):
+    """``argmin μᵀGμ`` subject to ``Σμ = 1`` (the min-norm point of the points' affine hull)."""
+    n = G.shape[0]
+    kkt = np.block([[G, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    rhs = np.concatenate([np.zeros(n), [1.0]])
+    return np.linalg.lstsq(kkt, rhs, rcond=None)[0][:n]
+
+
+def min_norm_point(gramian, *, tol: float = 1e-12):
+    """``argmin_{α ∈ simplex} αᵀGα``: the min-norm point of the convex hull of K points given by
+    their Gramian, by Wolfe's (1976) algorithm — finite, exact up to rounding, whatever the
+    conditioning (no step size or iteration budget to run out of).
+
+    A corral ``S`` (points whose affine hull's min-norm point lies inside their convex hull)
+    grows by the point most opposed to the current ``x = Σ λ_i p_i`` until no point improves on
+    ``‖x‖²`` by more than ``tol · max_k G_kk``; points whose barycentric weight reaches 0 leave.
+    """
+    G = _check_gramian(gramian)
+    K = G.shape[0]
+    threshold = tol * max(float(np.max(np.diag(G))), np.finfo(float).tiny)
+    corral, lam = [int(np.argmin(np.diag(G)))], np.ones(1)
+    for _ in range(10 * K + 10):  # each point enters at most a few times; a safety bound
+        projections = G[:, corral] @ lam  # <x, p_j> for every j
+        norm2 = float(lam @ projections[corral])
+        j = int(np.argmin(projections))
+        if projections[j] >= norm2 - threshold or j in corral:
+            break
+        corral, lam = corral + [j], np.append(lam, 0.0)
+        while True:  # move towards the affine min-norm point, dropping points that reach 0
+            mu = _affine_min_norm(G[np.ix_(corral, corral)])
+            if np.all(mu > 0):
+                lam = mu
+                break
+            shrinking = mu <= 0
+            theta = np.min(lam[shrinking] / (lam[shrinking] - mu[shrinking]))
+            lam = lam + theta * (mu - lam)
+            keep = lam > 1e-15
+            corral, lam = [c for c, k in zip(corral, keep) if k], lam[keep] / lam[keep].sum()
+    alpha = np.zeros(K)
+    alpha[corral] = lam
+    return alpha
+
+
 def mgda_weights(gramian):
-    """MGDA (Sener & Koltun): the min-norm point ``argmin_{α ∈ simplex} αᵀGα`` (closed form K=2)."""
+    """MGDA (Sener & Koltun): the min-norm point ``argmin_{α ∈ simplex} αᵀGα`` (closed form K=2,
+    Wolfe's algorithm :func:`min_norm_point` for K > 2)."""
     G = _check_gramian(gramian)
     K = G.shape[0]
     if K == 1:
@@ -130,9 +175,7 @@ def mgda_weights(gramian):
         denom = G[0, 0] + G[1, 1] - 2 * G[0, 1]
         a = 0.5 if denom <= 0 else float(np.clip((G[1, 1] - G[0, 1]) / denom, 0.0, 1.0))
         return np.array([a, 1.0 - a])
-    scale = max(np.trace(G) / K, np.finfo(float).tiny)
-    Gn = G / scale
-    return _simplex_minimise(lambda a: (a @ Gn @ a, 2 * Gn @ a), K)
+    return min_norm_point(G)
 
 
 def cagrad_coefficients(gramian, *, c: float = 0.4):

@@ -19,9 +19,14 @@ __all__ = ["EqualWeighting", "UncertaintyWeighting", "DynamicWeightAverage",
 
 
 class _LossWeighting(MTLMethod):
-    """Shared ``backward``: global losses -> ``_weights`` -> one weighted backward."""
+    """Shared ``backward``: global losses -> ``_weights`` -> one weighted backward.
 
-    def _weights(self, global_losses, scale):  # pragma: no cover - abstract
+    ``_weights(global_losses, present, scale)`` gets the union-batch losses and which tasks have
+    a sample in the union batch (known from ``task_counts`` / ``group``; else all True): an
+    absent task's loss is 0 and must not enter the method's statistics.
+    """
+
+    def _weights(self, global_losses, present, scale):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def backward(self, losses, shared_parameters, *, task_counts=None, group=None,
@@ -33,7 +38,7 @@ class _LossWeighting(MTLMethod):
         self._losses = losses
         try:
             weights = self._weights(
-                distributed.global_losses(losses, shares, self.process_group), scale)
+                *distributed.global_losses(losses, shares, self.process_group), scale)
         finally:
             del self._params, self._shares, self._losses
         weights = self._weighted_backward(losses, params, weights.detach().double(), shares,
@@ -45,7 +50,7 @@ class _LossWeighting(MTLMethod):
 class EqualWeighting(_LossWeighting):
     """Equal weights ``w_k = 1/K`` (vanilla training on a stratified batch)."""
 
-    def _weights(self, global_losses, scale):
+    def _weights(self, global_losses, present, scale):
         return torch.full_like(global_losses, 1.0 / self.num_tasks)
 
 
@@ -57,16 +62,19 @@ class UncertaintyWeighting(_LossWeighting):
     gradient to ``log_vars.grad`` (computed on the union-batch losses). The paper trains ``s``
     in its own optimizer group: ``AdamW(model_groups + uw.param_groups())`` where
     ``param_groups()`` gives lr 0.025 and no weight decay. Weights ``w_k = ½ e^{−s_k} / K``.
+    A task absent from the batch contributes nothing to the objective (its ``s_k`` is not
+    pushed down by a loss of 0).
     """
 
     def __init__(self, num_tasks, *, process_group=None):
         super().__init__(num_tasks, process_group=process_group)
         self.log_vars = nn.Parameter(torch.zeros(num_tasks))
 
-    def _weights(self, global_losses, scale):
+    def _weights(self, global_losses, present, scale):
         s = self.log_vars
         losses = global_losses.to(device=s.device, dtype=s.dtype)
-        objective = 0.5 * (torch.exp(-s) * losses / self.num_tasks + s).sum()
+        terms = torch.exp(-s) * losses / self.num_tasks + s
+        objective = 0.5 * torch.where(present.to(s.device), terms, 0.0).sum()
         (grad,) = torch.autograd.grad(objective, s)
         grad = grad * scale.to(device=s.device, dtype=s.dtype)
         s.grad = grad if s.grad is None else s.grad + grad
@@ -79,7 +87,9 @@ class DynamicWeightAverage(_LossWeighting):
     """Dynamic Weight Average (Liu et al. 2019): ``w = softmax(r / temperature)``.
 
     ``r_k = L_k(t−1) / L_k(t−2)`` from the union-batch losses of the two previous calls;
-    ``w = 1/K`` until two calls have been seen. Weights sum to 1.
+    ``w = 1/K`` until two calls have been seen. Weights sum to 1. A task absent from a batch
+    keeps its previous loss in the history, and a ratio that is not a finite positive number
+    (a task not seen yet, a non-finite loss) counts as 1.
     """
 
     def __init__(self, num_tasks, *, temperature: float = 2.0, process_group=None):
@@ -90,14 +100,16 @@ class DynamicWeightAverage(_LossWeighting):
         self.register_buffer("loss_history", torch.zeros(2, num_tasks, dtype=torch.float64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
-    def _weights(self, global_losses, scale):
+    def _weights(self, global_losses, present, scale):
+        before, last = self.loss_history
         if int(self.calls) >= 2:
-            ratio = self.loss_history[1] / self.loss_history[0]
+            ratio = last / torch.where(before > 0, before, 1.0)
+            ratio = torch.where((before > 0) & torch.isfinite(ratio) & (ratio > 0), ratio, 1.0)
             weights = torch.softmax(ratio / self.temperature, dim=0)
         else:
             weights = torch.full_like(global_losses, 1.0 / self.num_tasks)
-        self.loss_history.copy_(torch.stack([self.loss_history[1], global_losses.cpu()
-                                             .to(self.loss_history)]))
+        current = torch.where(present.cpu(), global_losses.cpu().to(last), last)
+        self.loss_history.copy_(torch.stack([last, current]))
         self.calls += 1
         return weights.to(global_losses.device)
 
@@ -113,7 +125,7 @@ class RandomLossWeighting(_LossWeighting):
         super().__init__(num_tasks, process_group=process_group)
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def _weights(self, global_losses, scale):
+    def _weights(self, global_losses, present, scale):
         z = torch.randn(self.num_tasks, generator=self.generator, dtype=torch.float64)
         return torch.softmax(z, dim=0).to(global_losses.device)
 
@@ -134,8 +146,9 @@ class GradNorm(_LossWeighting):
     default the **last** shared parameter with ``requires_grad`` (the output layer's last
     tensor in a usual ``model.parameters()`` order). The balancing loss
     ``Σ_k |w_k n_k − mean(w n) · r_k^α|`` (``r_k`` the relative inverse training rate from the
-    first call's losses, target held constant) gives ``task_weights.grad``; the weights are
-    renormalised to sum to K at each call. Gradient written: ``Σ (w_k / K) ∇L_k``.
+    first loss of each task, target held constant; the means are over the tasks present in the
+    batch) gives ``task_weights.grad``; the weights are renormalised to sum to K at each call.
+    Gradient written: ``Σ (w_k / K) ∇L_k``.
     Costs K extra backward passes restricted to ``W``.
     """
 
@@ -146,7 +159,13 @@ class GradNorm(_LossWeighting):
         self.gradnorm_parameter = gradnorm_parameter
         self.task_weights = nn.Parameter(torch.ones(num_tasks))
         self.register_buffer("initial_losses", torch.zeros(num_tasks, dtype=torch.float64))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialised", torch.zeros(num_tasks, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "initialised"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved by ant-core <= 0.1.0
+            state_dict[key] = state_dict[key].expand(self.num_tasks).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _layer(self):
         chosen = self.gradnorm_parameter
@@ -158,12 +177,14 @@ class GradNorm(_LossWeighting):
             raise ValueError("gradnorm_parameter must be one of the shared parameters")
         return chosen
 
-    def _weights(self, global_losses, scale):
+    def _weights(self, global_losses, present, scale):
         with torch.no_grad():
             self.task_weights.mul_(self.num_tasks / self.task_weights.sum())
-        if not bool(self.initialised):
-            self.initial_losses.copy_(global_losses.to(self.initial_losses.device))
-            self.initialised.fill_(True)
+        present = present.to(self.initialised.device)
+        first = present & ~self.initialised  # each task's first loss: when it is first present
+        self.initial_losses.copy_(torch.where(first, global_losses.to(self.initial_losses),
+                                              self.initial_losses))
+        self.initialised |= present
         layer = self._layer()
         scaled = self._losses * (self._shares * scale.double()).to(self._losses.dtype)
         layer_grads = []
@@ -176,8 +197,11 @@ class GradNorm(_LossWeighting):
         norms = (torch.stack([g.double().norm() for g in layer_grads]) / scale.double()).to(device)
         w = self.task_weights.detach().double()
         weighted = w * norms
-        ratio = global_losses.to(device) / self.initial_losses.clamp_min(1e-12)
-        target = weighted.mean() * (ratio / ratio.mean()) ** self.alpha
+        present = present.to(device)
+        mean = lambda x: torch.where(present, x, 0.0).sum() / present.sum()
+        ratio = torch.where(present, global_losses.to(device)
+                            / self.initial_losses.to(device).clamp_min(1e-12), 0.0)
+        target = mean(weighted) * (ratio / mean(ratio)) ** self.alpha
         grad = torch.sign(weighted - target) * norms * scale.double().to(device)
         tw = self.task_weights
         grad = grad.to(tw)
@@ -202,6 +226,10 @@ class FAMO(_LossWeighting):
     ``reevaluate=False``: no extra forward; each ``backward`` first updates the logits with its
     own losses as the "after" losses of the previous step (a new batch, so δ is noisier; with a
     stratified sampler every task's loss is still an estimate over the same cluster).
+
+    A task absent from the batch gets weight 0 (the others renormalised) and ``δ_k = 0``; a
+    step whose ``δ`` is not finite (a NaN or inf loss) leaves the logits and Adam state as they
+    were, so one bad step (e.g. an fp16 overflow the GradScaler skips) does not poison them.
     """
 
     def __init__(self, num_tasks, *, lr: float = 0.025, weight_decay: float = 1e-3,
@@ -227,15 +255,16 @@ class FAMO(_LossWeighting):
     def _shifted(self, global_losses):
         return global_losses - self.min_losses.to(global_losses.device) + self.epsilon
 
-    def _weights(self, global_losses, scale):
-        if not self.reevaluate:  # no step before the first losses (previous_losses NaN)
-            self._step_logits(global_losses, active=~torch.isnan(self.previous_losses).any())
+    def _weights(self, global_losses, present, scale):
+        if not self.reevaluate:
+            self._step_logits(global_losses, present)
         shifted = self._shifted(global_losses)
         z = torch.softmax(self.logits.to(shifted.device), dim=0)
-        c = (z / shifted).sum()
-        self.previous_losses.copy_(global_losses)
+        ratios = torch.where(present, z / shifted, 0.0)
+        # previous_losses: NaN marks "no loss" (an absent task, or no step yet)
+        self.previous_losses.copy_(torch.where(present, global_losses, float("nan")))
         self._awaiting_update = self.reevaluate
-        return z / (c * shifted)
+        return ratios / ratios.sum()
 
     @torch.no_grad()
     def update(self, new_losses, *, task_counts=None, group=None):
@@ -250,20 +279,25 @@ class FAMO(_LossWeighting):
             task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
         shares = distributed.task_shares(self.num_tasks, task_counts, new_losses.device,
                                          self.process_group)
-        delta = self._step_logits(distributed.global_losses(new_losses, shares,
-                                                            self.process_group))
+        delta = self._step_logits(*distributed.global_losses(new_losses, shares,
+                                                             self.process_group))
         self.previous_losses.fill_(float("nan"))
         self._awaiting_update = False
         return delta
 
-    def _step_logits(self, new, active=None):
+    def _step_logits(self, new, present):
         """One Adam step on the logits from ``previous_losses`` → ``new``; returns ``δ``.
 
-        With ``active`` (a bool tensor) the step is taken only if it is True, decided on the
-        device: the state is never read back to the host (a sync per step on a GPU).
+        ``δ_k`` is 0 for a task without a loss on either side; the step is taken only when some
+        task has both and every such ``δ_k`` is finite, decided on the device: the state is never
+        read back to the host (a sync per step on a GPU).
         """
-        delta = (torch.log(self._shifted(self.previous_losses.to(new.device)))
-                 - torch.log(self._shifted(new))).to(self.logits.device)
+        previous = self.previous_losses.to(new.device)
+        both = present & ~torch.isnan(previous)
+        delta = torch.where(both, torch.log(self._shifted(previous))
+                            - torch.log(self._shifted(new)), 0.0)
+        active = (both.any() & torch.isfinite(delta).all()).to(self.logits.device)
+        delta = torch.where(torch.isfinite(delta), delta, 0.0).to(self.logits.device)
         z = torch.softmax(self.logits, dim=0)
         grad = z * (delta - (z * delta).sum()) + self.weight_decay * self.logits
         step = self.adam_step + 1
@@ -274,5 +308,5 @@ class FAMO(_LossWeighting):
         logits = self.logits - self.lr * (exp_avg / (1 - 0.9 ** t)) / denom
         for state, value in ((self.adam_step, step), (self.adam_exp_avg, exp_avg),
                              (self.adam_exp_avg_sq, exp_avg_sq), (self.logits, logits)):
-            state.copy_(value if active is None else torch.where(active, value, state))
+            state.copy_(torch.where(active, value, state))
         return delta
