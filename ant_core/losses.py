@@ -46,6 +46,9 @@ def _check_metadata(pred, target, groups, num_groups, weight, op="grouped_mse"):
         raise ValueError(
             f"{op}: pred must have shape (B, ...) with B >= 1, got {tuple(pred.shape)}"
         )
+    if pred.numel() == 0:
+        raise ValueError(f"{op}: pred must have at least one element per sample, got shape "
+                         f"{tuple(pred.shape)}")
     if pred.shape != target.shape:
         raise ValueError(
             f"{op}: target must have the shape of pred {tuple(pred.shape)}, "

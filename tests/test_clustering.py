@@ -364,6 +364,8 @@ def test_interval_clusters_type():
     (dict(k=2, objective="timestep", T=10, min_size=3, max_size=2), ValueError, "max_size"),
     (dict(k=2, objective="log_snr", T=0), ValueError, "T must be >= 1"),
     (dict(k=2, cost_matrix=np.ones((3, 3)), T=4), ValueError, "does not match"),
+    (dict(k=2, objective="timestep", schedule=schedules.linear(50).alphas_cumprod, T=60),
+     ValueError, "does not match"),
     (dict(k=2, schedule="quadratic"), ValueError, "schedule must be one of"),
 ])
 def test_bad_input(kwargs, exc, match):

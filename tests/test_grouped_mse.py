@@ -492,6 +492,19 @@ def test_bad_input_raises(case):
         grouped_mse(*args)
 
 
+@pytest.mark.parametrize("case", [c for c in bad_inputs() if not c[0].startswith("group_")
+                                  and isinstance(c[1][0], torch.Tensor)], ids=lambda c: c[0])
+def test_fake_kernels_raise_like_the_op(case):
+    """Shape/dtype errors are the same while tracing (torch.compile) as when running."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, args, error, name = case
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(error, match=name):
+            grouped_mse(*fake)
+
+
 def test_check_groups():
     check_groups(torch.tensor([0, 1, 2]), 3)
     check_groups(torch.tensor([0, 1], dtype=torch.int32), 2)
