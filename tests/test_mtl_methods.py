@@ -370,6 +370,32 @@ def test_cagrad_against_brute_force_and_explicit_vectors():
     np.testing.assert_allclose(coeffs @ grads, expected, atol=5e-3)
 
 
+@pytest.mark.parametrize("zero_task", [0, 1, 3])
+def test_zero_gradient_task_gets_no_share_in_mgda_and_cagrad(zero_task):
+    """A cluster without samples has a zero gradient: MGDA's min-norm point would be that zero
+    (no update at all) and CAGrad would collapse to g0 / (1 + c²); both leave it out."""
+    rng = np.random.default_rng(zero_task)
+    present = rng.normal(size=(3, 6))
+    grads = np.insert(present, zero_task, 0.0, axis=0)
+    gram = grads @ grads.T
+    alpha = solvers.mgda_weights(gram)
+    assert alpha[zero_task] == 0
+    np.testing.assert_allclose(np.delete(alpha, zero_task),
+                               solvers.mgda_weights(present @ present.T), atol=1e-12)
+    # CAGrad: g0 is the mean over all 4 tasks (EW's scale), w ranges over the present ones
+    c = 0.5
+    g0 = grads.mean(0)
+    root_phi = c * np.linalg.norm(g0)
+    grid = list(_simplex_grid(3, 300))
+    values = [w @ present @ g0 + root_phi * np.linalg.norm(w @ present) for w in grid]
+    gw = grid[int(np.argmin(values))] @ present
+    expected = (g0 + root_phi / np.linalg.norm(gw) * gw) / (1 + c**2)
+    coeffs = solvers.cagrad_coefficients(gram, c=c)
+    assert coeffs[zero_task] == pytest.approx(0.25 / (1 + c**2))
+    np.testing.assert_allclose(coeffs @ grads, expected, atol=5e-3)
+    assert np.all(solvers.mgda_weights(np.zeros((3, 3))) == 1 / 3)
+
+
 def test_imtlg_equal_projections():
     rng = np.random.default_rng(3)
     grads = rng.normal(size=(4, 9))

@@ -4,8 +4,10 @@ Each gradient method's update is ``Σ_k c_k g_k`` where ``c`` depends on the per
 only through their Gramian ``G_kl = <g_k, g_l>``. The functions here take ``G`` as a float64
 numpy array and return ``c`` as a float64 numpy array; they are cheap (K×K work) and exact up to
 solver tolerance (MGDA's min-norm point exactly, by Wolfe's finite algorithm; CAGrad's inner
-problem by projected gradient descent). Tasks whose gradient is exactly zero (``G_kk == 0``, e.g. a cluster with no
-sample in the batch) get coefficient 0 in Nash-MTL and IMTL-G (they contribute nothing anyway).
+problem by projected gradient descent). Tasks whose gradient is exactly zero (``G_kk == 0``, e.g.
+a cluster with no sample in the batch) get coefficient 0 in Nash-MTL, IMTL-G and MGDA, and no
+share of CAGrad's worst-case direction ``g_w``: otherwise MGDA's min-norm point would be that
+zero gradient (a lost step) and CAGrad would collapse to ``g0 / (1 + c²)``.
 """
 from __future__ import annotations
 
@@ -165,23 +167,30 @@ def min_norm_point(gramian, *, tol: float = 1e-12):
 
 
 def mgda_weights(gramian):
-    """MGDA (Sener & Koltun): the min-norm point ``argmin_{α ∈ simplex} αᵀGα`` (closed form K=2,
-    Wolfe's algorithm :func:`min_norm_point` for K > 2)."""
+    """MGDA (Sener & Koltun): the min-norm point ``argmin_{α ∈ simplex} αᵀGα`` over the tasks
+    with a non-zero gradient (closed form for two, Wolfe's :func:`min_norm_point` beyond)."""
     G = _check_gramian(gramian)
-    K = G.shape[0]
-    if K == 1:
-        return np.ones(1)
-    if K == 2:
-        denom = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-        a = 0.5 if denom <= 0 else float(np.clip((G[1, 1] - G[0, 1]) / denom, 0.0, 1.0))
-        return np.array([a, 1.0 - a])
-    return min_norm_point(G)
+    alpha = np.zeros(G.shape[0])
+    active = np.flatnonzero(np.diag(G) > 0)
+    if active.size == 0:  # every gradient is zero: any weights give the same (zero) update
+        return np.full(G.shape[0], 1.0 / G.shape[0])
+    M = G[np.ix_(active, active)]
+    if active.size == 1:
+        alpha[active] = 1.0
+    elif active.size == 2:
+        denom = M[0, 0] + M[1, 1] - 2 * M[0, 1]
+        a = 0.5 if denom <= 0 else float(np.clip((M[1, 1] - M[0, 1]) / denom, 0.0, 1.0))
+        alpha[active] = [a, 1.0 - a]
+    else:
+        alpha[active] = min_norm_point(M)
+    return alpha
 
 
 def cagrad_coefficients(gramian, *, c: float = 0.4):
     """CAGrad (Liu et al. 2021) with ``rescale=1``: ``d = (g0 + √φ/‖g_w‖ g_w) / (1 + c²)``.
 
-    ``g0`` is the mean gradient, ``φ = c²‖g0‖²`` and ``w = argmin_{w ∈ simplex} g_wᵀg0 + √φ‖g_w‖``.
+    ``g0`` is the mean gradient, ``φ = c²‖g0‖²`` and ``w = argmin_{w ∈ simplex} g_wᵀg0 + √φ‖g_w‖``
+    over the tasks with a non-zero gradient.
     """
     G = _check_gramian(gramian)
     K = G.shape[0]
@@ -190,12 +199,16 @@ def cagrad_coefficients(gramian, *, c: float = 0.4):
     Gn = G / scale
     root_phi = c * np.sqrt(max(mean @ Gn @ mean, 0.0))
     Gmean = Gn @ mean
+    active = np.flatnonzero(np.diag(G) > 0)
+    w = np.zeros(K)
+    if active.size:
+        Ga, Gmean_a = Gn[np.ix_(active, active)], Gmean[active]
 
-    def value_and_grad(w):
-        norm = np.sqrt(max(w @ Gn @ w, 1e-30))
-        return w @ Gmean + root_phi * norm, Gmean + root_phi * (Gn @ w) / norm
+        def value_and_grad(v):
+            norm = np.sqrt(max(v @ Ga @ v, 1e-30))
+            return v @ Gmean_a + root_phi * norm, Gmean_a + root_phi * (Ga @ v) / norm
 
-    w = _simplex_minimise(value_and_grad, K)
+        w[active] = _simplex_minimise(value_and_grad, active.size)
     norm_w = np.sqrt(max(w @ Gn @ w, 0.0))
     lam = root_phi / norm_w if norm_w > 0 else 0.0
     return (mean + lam * w) / (1.0 + c**2)
