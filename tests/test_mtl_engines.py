@@ -1,4 +1,6 @@
 """The one-backward engine against the K-backward reference engine (float64)."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -355,3 +357,66 @@ def test_register_layer_handler_for_a_custom_layer():
         from ant_core.mtl import layer_gradients
         layer_gradients._HANDLERS[:] = [h for h in layer_gradients._HANDLERS
                                         if h[0] is not _Scale]
+
+
+class TiedEmbedding(nn.Module):
+    """An Embedding whose weight is reused by F.linear: a use the engine cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.embed(tokens)))
+        return F.linear(h, self.embed.weight).mean(-1)
+
+
+class SequenceFirst(nn.Module):
+    """A Linear applied to (S, B, D) with S == B: the engine takes dim 0 for the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+
+    def forward(self, x):  # x (B, S, D)
+        return self.proj(x.transpose(0, 1)).transpose(0, 1).pow(2).mean((1, 2))
+
+
+@pytest.mark.parametrize("case", ["tied", "sequence_first"])
+def test_verify_catches_what_the_engine_cannot_see(case):
+    torch.manual_seed(0)
+    group = torch.tensor([0, 0, 1, 1])
+    if case == "tied":
+        model, inputs, name = TiedEmbedding().double(), torch.randint(0, 6, (4, 3)), "embed.weight"
+    else:
+        model, inputs, name = SequenceFirst().double(), torch.randn(4, 4, 3).double(), "proj.weight"
+
+    def task_gradients(engine):
+        with engine.record() if isinstance(engine, OneBackwardEngine) else nullcontext():
+            out = model(inputs).reshape(4, -1).mean(1)
+        return engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()),
+                                     group=group)
+
+    with pytest.raises(ValueError, match=f"{name}.*do not combine"):
+        task_gradients(OneBackwardEngine(model))
+    # without the check the gradients are silently wrong: that is what it is for
+    unchecked = task_gradients(OneBackwardEngine(model, verify=False))
+    reference = task_gradients(AutogradEngine())
+    assert not all(torch.allclose(a, b) for a, b in zip(unchecked, reference))
+
+
+def test_verify_runs_once_and_accepts_a_correct_model():
+    model = ConvNet().double()
+    engine = OneBackwardEngine(model)
+    assert engine.verify
+    x, t, group = torch.randn(6, 3, 8, 8).double(), torch.randint(0, 10, (6,)), torch.arange(6) % 3
+    for _ in range(2):
+        with engine.record():
+            out = model(x, t).mean(1)
+        engine.task_gradients(_group_losses(out, group, 3), list(model.parameters()), group=group)
+        assert not engine.verify  # checked on the first call only
+    with pytest.raises(TypeError, match="verify"):
+        OneBackwardEngine(model, verify=1)
+    with pytest.raises(ValueError, match="verify_rtol"):
+        OneBackwardEngine(model, verify_rtol=0)

@@ -220,19 +220,30 @@ class OneBackwardEngine:
     (slower: about +1 weight-gradient computation per step). Under DDP every rank must run the
     same supported layers (the per-layer all-reduces are matched by order).
 
-    Requirements (the caller's responsibility, as the engine cannot see them): ``losses[k]``
-    depends only on the samples of task k; a supported layer's parameters are used only through
-    that layer's ``forward``; its output is not modified in place (checked). BatchNorm in
-    training mode (or without running stats) mixes samples and is refused with ValueError.
+    Requirements: ``losses[k]`` depends only on the samples of task k; a supported layer's
+    parameters are used only through that layer's ``forward`` (no weight tying through
+    ``F.linear``); every call of it sees the batch on dim 0 (not sequence-first with a
+    sequence as long as the batch); its input and output are not modified in place afterwards
+    (checked). BatchNorm in training mode (or without running stats) mixes samples and is
+    refused with ValueError. The rest the engine cannot see, so with ``verify=True`` (default)
+    its first :meth:`task_gradients` call also runs one ordinary backward and checks that the
+    task gradients combine to it (``Σ_k c_k ∇L_k = ∇ Σ_k c_k L_k`` for distinct fixed ``c_k``,
+    to ``verify_rtol`` per parameter), raising ValueError with the offending parameters' names
+    otherwise.
     """
 
-    def __init__(self, model: nn.Module, *, low_memory: bool = False):
+    def __init__(self, model: nn.Module, *, low_memory: bool = False, verify: bool = True,
+                 verify_rtol: float = 1e-2):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(low_memory, bool):
-            raise TypeError(f"low_memory must be a bool, got {type(low_memory).__name__}")
+        for name, value in (("low_memory", low_memory), ("verify", verify)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if not verify_rtol > 0:
+            raise ValueError(f"verify_rtol must be > 0, got {verify_rtol}")
         self.model = model
         self.low_memory = low_memory
+        self.verify, self.verify_rtol = verify, float(verify_rtol)
         self._storage = None
         self._records = []
         self._recording = False
@@ -281,6 +292,17 @@ class OneBackwardEngine:
                     f"model contains {type(module).__name__} using batch statistics: samples "
                     "interact, so per-task gradients cannot be split; use AutogradEngine")
 
+    def _check_records(self, group):
+        """The checks that need no backward: group given, no sample mixing, no in-place edits."""
+        if group is None:
+            raise ValueError("group (the per-sample task ids) is required by OneBackwardEngine")
+        self._check_no_interaction()
+        for module, x, x_version, y, y_version in self._records:
+            if x._version != x_version or y._version != y_version:
+                which = "input" if x._version != x_version else "output"
+                raise ValueError(f"the {which} of {module} was modified in place after its "
+                                 "forward; use out-of-place ops (e.g. inplace=False)")
+
     def _one_backward(self, losses, params, group, out=None):
         """The shared first half: fallback task gradients, then one backward to layer outputs.
 
@@ -290,18 +312,12 @@ class OneBackwardEngine:
         ``(module, input, output_grad)`` in the parameters' dtype, ``fallback`` the fallback
         parameters' indices in ``params``.
         """
-        if group is None:
-            raise ValueError("group (the per-sample task ids) is required by OneBackwardEngine")
-        self._check_no_interaction()
+        self._check_records(group)
         records, self._records = self._records, []
         tasks = TaskSegments(group.reshape(-1).to(losses.device), losses.numel())
         batch = tasks.batch_size
         usable, rejected = [], set()
-        for module, x, x_version, y, y_version in records:
-            if x._version != x_version or y._version != y_version:
-                which = "input" if x._version != x_version else "output"
-                raise ValueError(f"the {which} of {module} was modified in place after its "
-                                 "forward; use out-of-place ops (e.g. inplace=False)")
+        for module, x, _, y, _ in records:
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != batch or y.shape[0] != batch:
                 rejected.add(module)
             else:
@@ -334,6 +350,13 @@ class OneBackwardEngine:
     def task_gradients(self, losses, parameters, *, group=None):
         """:class:`TaskGradients` from one backward (see the class docstring)."""
         params = list(parameters)
+        full = None
+        if self.verify and losses.requires_grad:  # once: the reference is one more backward
+            self._check_records(group)
+            # distinct coefficients: a sum alone would not see samples given to the wrong task
+            coeffs = torch.linspace(0.5, 1.5, losses.numel(), dtype=torch.float64)
+            full = torch.autograd.grad((coeffs.to(losses) * losses).sum(), params,
+                                       retain_graph=True, allow_unused=True)
         out = TaskGradients(params, losses.numel(), self._storage)
         self._storage = out.buffers
         tasks, items, _, _ = self._one_backward(losses, params, group, out)
@@ -348,7 +371,32 @@ class OneBackwardEngine:
             find_handler(module)(module, x, gy, tasks, targets)
             for i, g in shared:
                 out.add(i, g)
+        if full is not None:
+            self._check_combination(out, params, coeffs, full)
+            self.verify = False
         return out
+
+    def _check_combination(self, out, params, coeffs, full):
+        """Raise unless ``Σ_k c_k g_k`` matches the ordinary gradient ``full`` of ``Σ c_k L_k``."""
+        summed = out.combine(coeffs)
+        pairs = [(torch.zeros_like(p) if s is None else s.double(),
+                  torch.zeros_like(p) if f is None else f.double())
+                 for p, s, f in zip(params, summed, full)]
+        floor = 1e-6 * torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(f) for _, f in pairs])).item()
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        wrong = [names.get(id(p), f"parameter {i}") for i, (p, (s, f)) in
+                 enumerate(zip(params, pairs))
+                 if torch.linalg.vector_norm(s - f).item() > self.verify_rtol * (
+                     torch.linalg.vector_norm(f).item() + torch.linalg.vector_norm(s).item())
+                 + floor]
+        if wrong:
+            raise ValueError(
+                f"OneBackwardEngine: the per-task gradients of {', '.join(wrong[:5])}"
+                f"{' …' if len(wrong) > 5 else ''} do not combine to the ordinary gradient: a "
+                "parameter used outside its layer's forward (weight tying), a layer that does not "
+                "see the batch on dim 0, or samples that interact. Use the autograd engine for "
+                "this model (or verify=False to skip this check)")
 
     def gramian_and_writer(self, losses, parameters, *, group=None, reduce=None):
         """Gramian without holding all task gradients, and a writer of ``Σ_k c_k g_k``.
