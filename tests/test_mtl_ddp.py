@@ -14,6 +14,9 @@ from ant_core.sampling import StratifiedSampler
 K = 3
 METHODS = ["uw", "famo", "gradnorm", "pcgrad", "nashmtl", "mgda", "pcgrad/one-backward",
            "nashmtl/low-memory", "nashmtl/chunked"]
+# An absent task (loss 0, no gradient) must stay out of the methods' statistics the same way on
+# two ranks as in one process: task 1 is missing on rank 0 at step 1, task 2 everywhere at step 2.
+ABSENT_METHODS = ["uw", "dwa", "famo", "gradnorm", "mgda", "cagrad"]
 STEPS = 3
 
 
@@ -36,9 +39,20 @@ def _batches(step):
     return out
 
 
+def _batches_with_absent_tasks(step):
+    parts = _batches(step)
+    if step == 1:
+        parts[0][2][:] = torch.tensor([0, 2, 0, 2, 2])
+    if step == 2:
+        for _, _, group in parts:
+            group[group == 2] = 0
+    return parts
+
+
 def _group_losses(model, x, y, group):
     per_sample = (model(x) - y).pow(2).mean(1)
-    return torch.stack([per_sample[group == k].mean() for k in range(K)])
+    return torch.stack([per_sample[group == k].mean() if (group == k).any()
+                        else per_sample.sum() * 0 for k in range(K)])  # grouped_mse's 0
 
 
 def _train(name, batches_for_step):
@@ -73,6 +87,8 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {name: _train(name, lambda step: _batches(step)[rank]) for name in METHODS}
+        results.update({f"absent/{name}": _train(name, lambda s: _batches_with_absent_tasks(s)[rank])
+                        for name in ABSENT_METHODS})
         sampler = StratifiedSampler(IntervalClusters.from_bounds([(0, 4), (4, 10)]), seed=3)
         results["sampler_rank"] = torch.tensor([sampler.rank, sampler.world_size])
         results["sampled_t"] = sampler.sample(32)[0]
@@ -81,8 +97,8 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _union(step):
-    parts = _batches(step)
+def _union(step, batches=_batches):
+    parts = batches(step)
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
@@ -104,3 +120,10 @@ def test_two_ranks_match_one_process_on_union(tmp_path):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0][name], single, rtol=1e-7, atol=1e-10)
         assert not torch.equal(single, _train("ew", _union)) or name == "ew"
+    absent_union = lambda step: _union(step, _batches_with_absent_tasks)
+    for name in ABSENT_METHODS:
+        single = _train(name, absent_union)
+        assert torch.isfinite(single).all()
+        torch.testing.assert_close(ranks[0][f"absent/{name}"], ranks[1][f"absent/{name}"],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][f"absent/{name}"], single, rtol=1e-7, atol=1e-10)
