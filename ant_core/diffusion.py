@@ -19,8 +19,9 @@ PREDICTIONS = ("eps", "v", "x0")
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """values[t] reshaped to broadcast against a (B, ...) tensor of `ndim` dims."""
-    return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
+    """values[t] reshaped to broadcast against a (B, ...) tensor of `ndim` dims (index_select:
+    a negative t is an error, not an index from the end)."""
+    return values.to(t.device).index_select(0, t.long()).reshape(-1, *([1] * (ndim - 1)))
 
 
 class GaussianDiffusion:
@@ -55,6 +56,11 @@ class GaussianDiffusion:
             raise TypeError("t must be an integer tensor of timesteps")
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+        # On the CPU a clear error; on a GPU reading t back would sync every step, so a bad t
+        # is left to index_select's device-side bounds check there.
+        if t.device.type == "cpu" and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < self.T:
+            raise ValueError(f"t must lie in [0, {self.T}), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
         return t.long()
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
@@ -97,7 +103,7 @@ class GaussianDiffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = alpha_bar / (1 - alpha_bar) for integer timesteps t (float32)."""
-        return self.snr_table.to(t.device)[t.long()].float()
+        return _gather(self.snr_table, t.reshape(-1), 1).reshape(t.shape).float()
 
     # ------------------------------------------------------------------ samplers
 
@@ -126,8 +132,8 @@ class GaussianDiffusion:
         steps = min(50, self.T) if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
             raise ValueError(f"steps must be an int in [1, {self.T}], got {steps!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:  # also refuses NaN
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
         if device is None:  # the model's device, else the CPU
             param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else "cpu"
@@ -135,6 +141,8 @@ class GaussianDiffusion:
         gen = torch.Generator(device=device).manual_seed(int(seed))
         x = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float64)
         ts = np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(np.int64))[::-1]
+        if steps == 1:  # one step denoises from the noisiest timestep (linspace gives t = 0)
+            ts = np.array([self.T - 1])
         ac = self.alphas_cumprod.to(device)
         iterator = range(len(ts))
         if progress:

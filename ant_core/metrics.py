@@ -59,7 +59,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     root1 = _psd_sqrt(sigma1)
     inner = root1 @ sigma2 @ root1
     values = np.linalg.eigvalsh((inner + inner.T) / 2)
-    trace_sqrt = np.sqrt(np.clip(values, 0, None)).sum()
+    # Eigenvalues at rounding level are zeros of a singular product (fewer samples than
+    # features): their square roots, ~sqrt(eps * largest), would bias the distance low.
+    values[values <= values.max(initial=0.0) * d * np.finfo(np.float64).eps] = 0.0
+    trace_sqrt = np.sqrt(values).sum()
     diff = mu1 - mu2
     fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
     return float(max(fd, 0.0))

@@ -29,7 +29,8 @@ def _check_snr(snr, name="snr", allow_negative=False):
         raise ValueError(f"{name} must have shape (B,), got {tuple(snr.shape)}")
     if not snr.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {snr.dtype}")
-    if torch.isnan(snr).any() or (not allow_negative and (snr < 0).any()):
+    bad = ~torch.isfinite(snr) if allow_negative else torch.isnan(snr) | (snr < 0)
+    if bad.any():
         raise ValueError(f"{name} must be {'finite' if allow_negative else 'non-negative'}"
                          " and not NaN")
     return snr
@@ -47,7 +48,7 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, target: str = "eps") -
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     clipped = torch.clamp(snr, max=gamma)
     if target == "eps":
-        return torch.clamp(gamma / snr, max=1.0)
+        return torch.where(snr > 0, torch.clamp(gamma / snr, max=1.0), 1.0)  # also for -0.0
     if target == "v":
         return clipped / (snr + 1.0)
     return clipped

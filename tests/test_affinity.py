@@ -1,6 +1,7 @@
 """Gradient task affinity (ant_core.affinity, ant_core.sketch) and `ant affinity`."""
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -85,6 +86,20 @@ def test_count_sketch_inner_products_are_unbiased():
     # standard deviation of one estimate <= sqrt(2 / d) |x| |y|
     assert abs(estimates.mean() - exact) < 4 * np.sqrt(2 / 64) * norm / np.sqrt(300)
     assert estimates.std() < 1.2 * np.sqrt(2 / 64) * norm
+
+
+@pytest.mark.parametrize("vector", ["constant", "ramp", "periodic"])
+def test_count_sketch_norm_error_meets_the_bound_on_smooth_vectors(vector):
+    """|sketch(x)|² / |x|² has std <= sqrt(2 / d) over seeds. It needs 4-wise independent signs:
+    with a linear sign hash, neighbouring coordinates got correlated signs (std 25-57x that)."""
+    n, d = 20000, 1024
+    i = torch.arange(n, dtype=torch.float64)
+    x = {"constant": torch.ones(n, dtype=torch.float64), "ramp": i / n,
+         "periodic": torch.sin(i / 7)}[vector]
+    ratios = torch.tensor([(CountSketch([n], d, seed=seed).apply([x]).double().norm() ** 2
+                            / x.norm() ** 2).item() for seed in range(60)])
+    assert abs(ratios.mean().item() - 1) < 4 * math.sqrt(2 / d / 60)
+    assert ratios.std().item() < 1.5 * math.sqrt(2 / d)
 
 
 def test_count_sketch_is_linear_deterministic_and_chunk_independent():

@@ -104,5 +104,26 @@ def test_bad_input():
         d.q_sample(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="steps must be"):
         d.sample_ddim(lambda x, t: x, (1, 1), steps=11)
-    with pytest.raises(ValueError, match="eta must be"):
-        d.sample_ddim(lambda x, t: x, (1, 1), eta=-1)
+    for eta in (-1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="eta must"):
+            d.sample_ddim(lambda x, t: x, (1, 1), eta=eta)
+    for bad in (-1, 10):  # -1 must not silently mean the last timestep
+        t = torch.tensor([0, bad])
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 10\)"):
+            d.q_sample(torch.zeros(2, 3), t)
+        with pytest.raises((IndexError, RuntimeError)):
+            d.snr(t)
+
+
+def test_one_step_ddim_starts_from_the_noisiest_timestep():
+    seen = []
+
+    def model(x, t):
+        seen.append(t.tolist())
+        return torch.zeros_like(x)
+
+    d = GaussianDiffusion("linear", 10)
+    for steps, expected in ((1, [[9]]), (2, [[9], [0]]), (3, [[9], [4], [0]])):
+        seen.clear()
+        d.sample_ddim(model, (1, 1, 2, 2), steps=steps)
+        assert seen == expected

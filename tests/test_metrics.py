@@ -60,6 +60,20 @@ def test_fd_singular_covariances_are_stable():
     assert frechet_distance(np.zeros(30), s, np.zeros(30), s) == pytest.approx(0, abs=1e-7)
 
 
+@pytest.mark.parametrize("dim,n,noise", [(512, 40, 1e-2), (512, 40, 1e-3), (224, 64, 1e-3)])
+def test_fd_rank_deficient_matches_the_exact_singular_value_form(dim, n, noise):
+    """Fewer samples than features: tr((S1 S2)^(1/2)) is the sum of the singular values of
+    X1c X2cᵀ / sqrt((n1 - 1)(n2 - 1)); rounding-level eigenvalues must not bias the FD low."""
+    rng = np.random.default_rng(dim + n)
+    base = rng.normal(size=(n, dim))
+    f1, f2 = base + noise * rng.normal(size=(n, dim)), base + noise * rng.normal(size=(n, dim))
+    c1, c2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    cross = np.linalg.svd(c1 @ c2.T / (n - 1), compute_uv=False).sum()
+    exact = (np.sum((f1.mean(0) - f2.mean(0)) ** 2) + np.sum(c1 ** 2) / (n - 1)
+             + np.sum(c2 ** 2) / (n - 1) - 2 * cross)
+    assert frechet_distance_from_features(f1, f2) == pytest.approx(exact, rel=1e-6)
+
+
 def test_fd_from_features_identity_symmetry_and_reference():
     rng = np.random.default_rng(4)
     f1 = rng.normal(size=(500, 5)) @ rng.normal(size=(5, 5))

@@ -56,3 +56,10 @@ def test_bad_inputs():
         min_snr_weight(SNR, gamma=0)
     with pytest.raises(ValueError, match="log_snr"):
         ContinuousUncertainty()(torch.ones(2), torch.tensor([float("nan"), 0.0]))
+    with pytest.raises(ValueError, match="log_snr"):  # a zero-terminal-SNR schedule's -inf
+        ContinuousUncertainty()(torch.ones(2), torch.tensor([float("-inf"), 0.0]))
+
+
+def test_min_snr_eps_weight_of_zero_snr_is_one_for_both_signed_zeros():
+    weights = min_snr_weight(torch.tensor([0.0, -0.0, 1.0, float("inf")]), 5.0, "eps")
+    assert weights.tolist() == [1.0, 1.0, 1.0, 0.0]
