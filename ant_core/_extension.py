@@ -17,9 +17,23 @@ def load(name):
         raise ImportError(_BUILD_HINT.format(name=name) + f"\n(original error: {exc})") from exc
 
 
+_fakes_registered = False
+
+
 def torch_ops():
-    """torch.ops.ant_core, after loading ant_core._C (which registers the ops)."""
+    """torch.ops.ant_core, after loading ant_core._C (which registers the ops) and registering
+    the fake kernel of interval_dp_batched (grouped_mse's live in ant_core/losses.py)."""
     import torch
 
+    global _fakes_registered
     load("_C")
+    if not _fakes_registered:
+        _fakes_registered = True
+
+        @torch.library.register_fake("ant_core::interval_dp_batched")
+        def _interval_dp_batched_fake(costs, k, min_size, max_size):
+            batch = costs.shape[0]
+            return (costs.new_empty((batch, k + 1), dtype=torch.int64),
+                    costs.new_empty((batch, k), dtype=torch.float64))
+
     return torch.ops.ant_core

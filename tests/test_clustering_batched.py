@@ -92,6 +92,14 @@ def test_costs_that_overflow_are_a_clear_error(device, kwargs):
         interval_clustering_batched(**kwargs)
 
 
+def test_opcheck_and_fake_kernel():
+    import ant_core._extension as ext
+
+    ops = ext.torch_ops()
+    for costs in (torch.rand(3, 6, 6, dtype=torch.float64), torch.rand(2, 4, 4)):
+        torch.library.opcheck(ops.interval_dp_batched.default, (costs, 2, 1, 0))
+
+
 def test_op_checks_directly():
     import ant_core._extension as ext
 

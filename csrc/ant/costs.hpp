@@ -62,6 +62,7 @@ class AbsDeviationCost {
   AbsDeviationCost(const double* x, int64_t n)
       : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0), run_end_(constant_run_ends(x, n)) {
     check_finite(x, n, "values");
+    if (n < 1) throw std::invalid_argument("values must not be empty");
     const int dir = monotone_direction(x, n);
     if (dir == 0)
       throw std::invalid_argument(
@@ -93,6 +94,7 @@ class SquaredErrorCost {
   SquaredErrorCost(const double* x, int64_t n)
       : s1_(n + 1, 0.0), s2_(n + 1, 0.0), run_end_(constant_run_ends(x, n)) {
     check_finite(x, n, "values");
+    if (n < 1) throw std::invalid_argument("values must not be empty");
     // Shifting by a data point keeps the prefix sums well conditioned, and integer data
     // integer (so equal costs stay exactly equal and tie-breaking is not decided by rounding).
     const double shift = x[n / 2];

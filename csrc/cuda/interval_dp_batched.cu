@@ -64,7 +64,9 @@ __global__ void interval_dp_kernel(const scalar_t* __restrict__ costs, int64_t T
     out[K] = T;
     int64_t i = T;
     for (int64_t k = K; k >= 1; --k) {
-      i = A[(k - 1) * n + i];
+      // No split recorded (every candidate NaN): -1 from here on, never an index; costs_by_k
+      // is then not finite and the caller reports it.
+      i = i < 0 ? -1 : A[(k - 1) * n + i];
       out[k - 1] = i;
     }
   }

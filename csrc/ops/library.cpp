@@ -1,6 +1,7 @@
 // ant_core._C: the schemas of every ant_core torch op, and the Python module stub.
 // Kernels register per device with TORCH_LIBRARY_IMPL in their own files; fake (meta) kernels
-// and autograd are registered from Python (ant_core/losses.py, ant_core/clustering_batched.py).
+// and autograd are registered from Python (ant_core/losses.py, ant_core/_extension.py) or C++
+// (csrc/ops/grouped_mse_autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

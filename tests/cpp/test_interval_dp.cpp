@@ -203,14 +203,20 @@ void test_uniform_timestep_and_errors() {
   CHECK(throws(5, {300, 0}));
   CHECK(throws(5, {1, 100}));
   CHECK(throws(5, {50, 40}));
-  std::vector<double> wiggly{0, 2, 1};
-  bool threw = false;
-  try {
-    ant::AbsDeviationCost bad(wiggly.data(), 3);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  CHECK(threw);
+  auto constructor_throws = [](auto make) {
+    try {
+      make();
+    } catch (const std::invalid_argument&) {
+      return true;
+    }
+    return false;
+  };
+  std::vector<double> wiggly{0, 2, 1}, huge{0, 1e200, 2e200, 3e200};
+  CHECK(constructor_throws([&] { ant::AbsDeviationCost bad(wiggly.data(), 3); }));
+  // an empty series (nothing to read, not x[0]) and sums that overflow double precision
+  CHECK(constructor_throws([&] { ant::AbsDeviationCost bad(wiggly.data(), 0); }));
+  CHECK(constructor_throws([&] { ant::SquaredErrorCost bad(wiggly.data(), 0); }));
+  CHECK(constructor_throws([&] { ant::SquaredErrorCost bad(huge.data(), 4); }));
 }
 
 void test_is_monge() {
