@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "capture_rng_state",
+           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "checkpoint_step", "capture_rng_state",
            "restore_rng_state", "load_model", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -83,6 +83,14 @@ def load_model(path, ema: bool = True, device="cpu"):
     model.load_state_dict(state["ema"]["model"] if ema else state["model"])
     model.to(device).eval()
     return model, GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"]), state
+
+
+def checkpoint_step(path) -> int:
+    """The step in a checkpoint file's name ``ckpt_<step>.pt``."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named ckpt_<step>.pt")
+    return int(match.group(1))
 
 
 def list_checkpoints(directory) -> list:

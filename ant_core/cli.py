@@ -182,7 +182,7 @@ def _train_parser(sub):
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/ant)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out (or from CKPT)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     _add_config_flags(p)
     p.set_defaults(func=_cmd_train)
 
@@ -209,15 +209,15 @@ def _train_config_from_args(args):
     from pathlib import Path
 
     from .checkpoint import latest_checkpoint, load_checkpoint
+    from .train_config import read_config_file
     from .trainer import TrainConfig
 
     values = {}
+    file_values = read_config_file(args.config) if args.config else {}
     resume = args.resume
     if resume is not None:
         if resume is True:
-            out = args.out
-            if out is None and args.config:
-                out = TrainConfig.from_file(args.config).out
+            out = args.out or file_values.get("out")
             if out is None:
                 raise ValueError("--resume needs --out DIR (the run folder) or a checkpoint path")
             resume = latest_checkpoint(Path(out) / "checkpoints")
@@ -225,9 +225,7 @@ def _train_config_from_args(args):
                 raise ValueError(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}")
         values.update(load_checkpoint(resume)["config"])
         values["out"] = args.out or str(Path(resume).resolve().parent.parent)
-    if args.config:
-        config = TrainConfig.from_file(args.config)
-        values.update(config.to_dict())
+    values.update(file_values)  # only the fields the file sets: over a resumed run's config
     values.update(_given_fields(args))
     if args.out:
         values["out"] = args.out
@@ -278,7 +276,7 @@ def _sample_parser(sub):
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", metavar="PREFIX", help="output path without extension (default: "
                    "<run>/samples_<sampler>_seed<seed>)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -347,7 +345,7 @@ def _demo_parser(sub):
     p.add_argument("--image-size", type=int, default=16, help="16 (default) to 32")
     p.add_argument("--method", default="uw", help="MTL method (default uw)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_demo)
 
@@ -464,18 +462,30 @@ def _affinity_parser(sub):
     p.add_argument("--plot", metavar="FILE.png", help="heatmap over timestep and log-SNR "
                    "(needs matplotlib)")
     p.add_argument("--k", type=int, default=5, help="intervals outlined on the plot (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_affinity)
 
 
 def _device(name: str) -> str:
-    """``--device``: "auto" is cuda when available, else cpu; anything else as given."""
-    if name != "auto":
-        return name
+    """``--device``: "auto" is cuda when available, else cpu; cpu, cuda or cuda:N as given."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from .train_config import check_device
+
+    if check_device(name) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no CUDA device")
+    return name
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of --threads: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
 
 
 def _int_or_auto(name, value):

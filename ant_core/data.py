@@ -176,6 +176,8 @@ class ProceduralShapes(ImageDataset):
 def _require_path(path, what="path") -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a str or path, got {type(path).__name__}")
+    if str(path) == "":
+        raise ValueError(f"{what} must not be empty (it would mean the current folder)")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
@@ -205,7 +207,12 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
     names = tuple(sorted(set(groups)))
     arrays = []
     for f in files:
-        with Image.open(f) as img:
+        try:
+            img = Image.open(f)
+            img.load()
+        except OSError as exc:  # PIL's UnidentifiedImageError too
+            raise ValueError(f"path={str(path)!r}: cannot read image {f} ({exc})") from None
+        with img:
             img = img.convert("L" if grayscale else "RGB")
             w, h = img.size
             side = min(w, h)
@@ -240,6 +247,13 @@ def _to_nchw(array: np.ndarray, layout: str) -> np.ndarray:
     return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
 
 
+def _np_load(p: Path):
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as exc:  # object arrays, text, truncated files
+        raise ValueError(f"path={str(p)!r} is not a numeric .npy/.npz array ({exc})") from None
+
+
 def load_array(path, value_range="auto", layout: str = "auto",
                image_size: int | None = None) -> ImageDataset:
     """Load images from a ``.npy`` or ``.npz`` file and normalise them to [-1, 1].
@@ -255,9 +269,9 @@ def load_array(path, value_range="auto", layout: str = "auto",
     p = _require_path(path)
     labels = None
     if p.suffix.lower() == ".npy":
-        array = np.load(p, allow_pickle=False)
+        array = _np_load(p)
     elif p.suffix.lower() == ".npz":
-        with np.load(p, allow_pickle=False) as data:
+        with _np_load(p) as data:
             keys = list(data.keys())
             image_key = next((k for k in ("images", "x", "data", "arr_0") if k in keys),
                              keys[0] if len(keys) == 1 else None)

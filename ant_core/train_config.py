@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,28 +102,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
         """Read a .json (always) or .yaml/.yml (needs PyYAML) file; ``overrides`` win."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
-        text = path.read_text()
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml); "
-                                 "or use a .json config") from None
-            try:
-                values = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
-        else:
-            try:
-                values = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of field names")
-        return cls.from_dict({**values, **overrides})
+        return cls.from_dict({**read_config_file(path), **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,6 +150,8 @@ class TrainConfig:
                           ("keep_last", 0), ("sample_every", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.data:
+            raise ValueError("data must not be empty (a built-in name, a folder or a file)")
         if self.k > self.T:
             raise ValueError(f"k must be <= T, got k={self.k} > T={self.T}")
         if self.sample_steps > self.T:
@@ -194,8 +176,7 @@ class TrainConfig:
         if self.compile and self.engine != "autograd":
             raise ValueError("compile=True works with engine='autograd' only (the one-backward "
                              "engine hooks the eager modules)")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        check_device(self.device)
         return self
 
     @property
@@ -205,3 +186,37 @@ class TrainConfig:
     @property
     def num_clusters(self) -> int:
         return 1 if self.method_key == "vanilla" else self.k
+
+
+def read_config_file(path) -> dict:
+    """The field values a .json (always) or .yaml/.yml (needs PyYAML) config file sets — only
+    those, no defaults filled in, so that the file can be merged over a resumed run's config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml); "
+                             "or use a .json config") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field names")
+    return values
+
+
+def check_device(device: str) -> str:
+    """``device`` must be 'auto', 'cpu', 'cuda' or 'cuda:N' (ValueError otherwise)."""
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return device

@@ -152,6 +152,12 @@ class Trainer:
             _distributed_setup(cfg.device)
         self.is_main = self.rank == 0
         self.clusters = build_clusters(cfg)
+        if resume_state is not None and \
+                IntervalClusters.from_dict(resume_state["clusters"]).bounds != self.clusters.bounds:
+            raise ValueError(
+                f"resume: the clusters built from the config now, {self.clusters.bounds}, differ "
+                f"from the checkpoint's, {tuple(map(tuple, resume_state['clusters']['bounds']))} "
+                "(did the affinity file change?); the method's state belongs to the old ones")
         self.K = self.clusters.k
         self.diffusion = GaussianDiffusion(cfg.schedule, cfg.T, cfg.prediction)
 
@@ -160,8 +166,14 @@ class Trainer:
         if cfg.class_conditional and not num_classes:
             raise ValueError(f"class_conditional=True but data={cfg.data!r} has no labels")
         self.model_config = {"image_size": self.dataset.image_size,
-                             "in_channels": self.dataset.channels, "num_classes": num_classes,
-                             **cfg.model_config}
+                             "in_channels": self.dataset.channels, "num_classes": num_classes}
+        for key, value in cfg.model_config.items():
+            if key in self.model_config and value != self.model_config[key]:
+                raise ValueError(
+                    f"model_config[{key!r}]={value!r} contradicts the data and config "
+                    f"({key}={self.model_config[key]!r}, from data / class_conditional); "
+                    "remove it from model_config")
+        self.model_config.update(cfg.model_config)
         self.model = build_model(cfg.model, self.model_config).to(self.device)
         if self.world_size > 1:  # the MTL methods all-reduce gradients: bare model, same init
             with torch.no_grad():
@@ -177,7 +189,7 @@ class Trainer:
         name = "ew" if cfg.method_key == "vanilla" else cfg.method_key
         try:
             self.method = mtl.create(name, num_tasks=self.K, **hparams).to(self.device)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"method_config {cfg.method_config} does not fit method "
                              f"{cfg.method!r}: {exc}") from None
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -221,6 +233,13 @@ class Trainer:
         if path is None:
             raise ValueError(f"resume: no checkpoint in {self.checkpoint_dir}")
         state = ckpt.load_checkpoint(path)
+        later = [p.name for p in ckpt.list_checkpoints(self.checkpoint_dir)
+                 if ckpt.checkpoint_step(p) > state["step"]]
+        if later:  # pruning would rank them above the new branch and delete its checkpoints
+            raise ValueError(
+                f"resume: {self.checkpoint_dir} holds checkpoints after step {state['step']} of "
+                f"{path} ({', '.join(later)}): they belong to another continuation; move or "
+                "delete them first (nothing was deleted)")
         saved = state["config"]
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k not in RESUME_MUTABLE and _jsonable(saved.get(k)) != _jsonable(v))
@@ -261,7 +280,15 @@ class Trainer:
                 "rng": ckpt.capture_rng_state()}
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``<out>/checkpoints/ckpt_<step>.pt`` (rank 0; every rank's streams gathered)."""
+        """Write ``<out>/checkpoints/ckpt_<step>.pt`` (rank 0; every rank's streams gathered).
+
+        Parameters that are not finite (an overflowing gradient with a finite loss) are a
+        TrainingError instead: such a file would replace the last good checkpoint."""
+        tensors = [*self.model.parameters(), *self.ema.model.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()):
+            raise TrainingError(
+                f"non-finite parameters after step {self.step} (an overflowing gradient?); not "
+                f"saved. Last good checkpoint: {self.last_checkpoint or 'none'}")
         mine = self._rank_state()
         if self.world_size > 1:
             ranks = [None] * self.world_size
@@ -457,12 +484,15 @@ class Trainer:
                 if (cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main
                         and self.step < cfg.steps):
                     self._write_samples(f"samples/step_{self.step:08d}.png")
+            if bar is not None:
+                bar.close()
+                bar = None
+            path = self.save_checkpoint()  # still under our handlers: a signal cannot cut it
         finally:
             if bar is not None:
                 bar.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        path = self.save_checkpoint()
         files = {}
         if self.is_main:
             files["checkpoint"] = str(path)

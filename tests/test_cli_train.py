@@ -89,6 +89,17 @@ def test_sample_shapes_determinism_and_reference(trained_run, tmp_path, sampler,
     np.testing.assert_array_equal(outs[0], want.clamp(-1, 1).numpy())
 
 
+def test_resume_with_a_config_file_takes_only_the_fields_it_sets(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--lr", "0.003", "--out", str(out)]) == 0
+    config = tmp_path / "more.json"
+    config.write_text(json.dumps({"steps": 4}))  # defaults must not override the run's config
+    assert main(["train", "--resume", "--out", str(out), "--config", str(config),
+                 "--no-progress"]) == 0
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out / "checkpoints"))
+    assert state["step"] == 4 and state["config"]["lr"] == 0.003
+
+
 def test_config_file_then_flags_then_resume(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"method": "pcgrad", "steps": 2, "lr": 0.002}))
@@ -107,6 +118,9 @@ def test_config_file_then_flags_then_resume(tmp_path):
     (["--method", "magic"], "method must be one of"),
     (["--data", "/nonexistent/data.npy"], "data="),
     (["--sampler", "sorted"], "sampler must be one of"),
+    (["--data", ""], "data must not be empty"),
+    (["--device", "cudax"], "device must be"),
+    (["--threads", "0"], "--threads: must be an int >= 1"),
 ])
 def test_bad_values_are_clear_errors_and_write_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
@@ -130,6 +144,27 @@ def test_corrupt_checkpoint_cli(trained_run, tmp_path, capsys):
     assert exc.value.code == 2 and "corrupt" in capsys.readouterr().err
     assert bad.read_bytes() == b"\x00garbage"
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "ckpt_00000003.pt"]
+
+
+def test_a_signal_during_the_final_save_does_not_kill_the_run(tmp_path):
+    """The handlers stay installed until the final checkpoint is written: a SIGTERM arriving
+    while it is saved only sets the stop flag (it used to kill the process, losing the file)."""
+    script = f"""
+import os, signal
+from ant_core import checkpoint
+from ant_core.cli import main
+real = checkpoint.atomic_save
+def save_with_a_signal(obj, path):
+    if obj["step"] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(obj, path)
+checkpoint.atomic_save = save_with_a_signal
+raise SystemExit(main(["train", *{TINY!r}, "--steps", "2", "--out", {str(tmp_path / "run")!r}]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt_00000002.pt")["step"] == 2
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):

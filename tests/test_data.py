@@ -123,6 +123,11 @@ def test_load_array_errors(tmp_path):
              labels=np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="labels"):
         load_array(tmp_path / "nolabel.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("1 2 3")
+    for name in ("objects.npy", "text.npy"):
+        with pytest.raises(ValueError, match=f"{name}.* not a numeric"):
+            load_array(tmp_path / name)
 
 
 def _write_png(path, array):
@@ -168,6 +173,13 @@ def test_load_image_folder_errors(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no images")
     with pytest.raises(ValueError, match="path=.*no images"):
         load_image_folder(tmp_path / "empty", image_size=8)
+    (tmp_path / "broken").mkdir()
+    _write_png(tmp_path / "broken" / "good.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+        load_image_folder(tmp_path / "broken", image_size=8)
+    with pytest.raises(ValueError, match="must not be empty"):
+        load_image_folder("", image_size=8)
 
 
 def test_optional_dependencies_give_clear_import_errors(monkeypatch):

@@ -231,6 +231,50 @@ def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):
         Trainer(tiny(tmp_path, steps=4), resume=True)
 
 
+def test_resume_from_an_earlier_checkpoint_never_prunes_the_new_branch(tmp_path):
+    """Later checkpoints of the run ranked above the new branch by step: pruning deleted the
+    checkpoint just written and kept the stale one. Refused now; nothing is deleted."""
+    train(tiny(tmp_path, steps=6, save_every=2))
+    folder = tmp_path / "run" / "checkpoints"
+    before = [p.name for p in ckpt.list_checkpoints(folder)]
+    assert before == ["ckpt_00000002.pt", "ckpt_00000004.pt", "ckpt_00000006.pt"]
+    with pytest.raises(ValueError, match=r"after step 4 .*ckpt_00000006\.pt.*nothing was deleted"):
+        Trainer(tiny(tmp_path, steps=5, keep_last=1), resume=folder / "ckpt_00000004.pt")
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == before
+    # the same into another run folder that holds later checkpoints
+    train(tiny(tmp_path, name="other", steps=8, save_every=8))
+    with pytest.raises(ValueError, match="after step 4"):
+        Trainer(tiny(tmp_path, name="other", steps=5), resume=folder / "ckpt_00000004.pt")
+    # once the later ones are moved away, the resume works and prunes only its own branch
+    (folder / "ckpt_00000006.pt").rename(tmp_path / "kept.pt")
+    result = train(tiny(tmp_path, steps=5, keep_last=1), resume=folder / "ckpt_00000004.pt")
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["ckpt_00000005.pt"]
+    assert os.path.exists(result["checkpoint"])
+
+
+def test_resume_refuses_clusters_that_changed(tmp_path):
+    A = np.eye(50) + 0.5
+    np.save(tmp_path / "A.npy", A)
+    cfg = tiny(tmp_path, steps=2, objective="affinity", affinity=str(tmp_path / "A.npy"))
+    train(cfg)
+    B = np.zeros((50, 50))
+    B[:20, :20] = B[20:, 20:] = 1.0
+    np.save(tmp_path / "A.npy", B)  # the affinity file changed between the runs
+    with pytest.raises(ValueError, match="clusters .* differ from the checkpoint"):
+        Trainer(cfg.replace(steps=4), resume=True)
+
+
+def test_model_config_contradicting_the_data_writes_nothing(tmp_path):
+    for bad in ({"image_size": 12}, {"in_channels": 1}, {"num_classes": 2}):
+        with pytest.raises(ValueError, match=f"model_config\\['{next(iter(bad))}'\\]"):
+            Trainer(tiny(tmp_path, model_config={**TINY_DIT, **bad}))
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="method_config"):
+        Trainer(tiny(tmp_path, method="famo", method_config={"lr": "fast"}))
+    with pytest.raises(ValueError, match="data must not be empty"):
+        tiny(tmp_path, data="").validate()
+
+
 # ----------------------------------------------------------------------------- failures
 
 
@@ -278,6 +322,20 @@ def test_missing_data_path_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="data"):
         Trainer(tiny(tmp_path, data=str(tmp_path / "nope.npy")))
     assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    """A finite loss with an overflowing gradient leaves NaN parameters: saving them would
+    replace the last good checkpoint (keep_last=1)."""
+    trainer = Trainer(tiny(tmp_path, steps=10, save_every=1, keep_last=1))
+    head = list(trainer.model.parameters())[-1]
+    head.register_hook(lambda g: g * float("inf") if trainer.step >= 2 else g)
+    with pytest.raises(TrainingError, match=r"non-finite parameters after step 3.*ckpt_00000002"):
+        trainer.train()
+    trainer.close()
+    kept = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["ckpt_00000002.pt"]
+    assert all(torch.isfinite(v).all() for v in ckpt.load_checkpoint(kept[0])["model"].values())
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
