@@ -96,7 +96,7 @@ def paired_difference(values: dict, baseline: dict, confidence: float = CONFIDEN
     if len(seeds) == 0:
         return {**out, "mean_diff": None, "ci_low": None, "ci_high": None}
     mean = float(diffs.mean())
-    if len(seeds) < 2:
+    if len(seeds) < 2 or not np.isfinite(diffs).all():  # a NaN metric (diverged run): no CI
         return {**out, "mean_diff": mean, "ci_low": None, "ci_high": None, "sd": None}
     sd = float(diffs.std(ddof=1))
     tq = t_quantile(0.5 + confidence / 2, len(seeds) - 1)
@@ -107,6 +107,8 @@ def paired_difference(values: dict, baseline: dict, confidence: float = CONFIDEN
 
 def verdict(diff: dict, lower_is_better: bool = True) -> str:
     if diff.get("ci_low") is None:
+        if diff["n_pairs"] >= 2:
+            return "not available (a non-finite metric: diverged run?)"
         return "insufficient seeds (need >= 2 paired)"
     if diff["ci_high"] < 0:
         return "better" if lower_is_better else "worse"

@@ -3,6 +3,7 @@ checkpoints, the affinity warm-up and the summary statistics (the protocol is in
 docstring)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -15,6 +16,24 @@ import numpy as np
 
 from quality_presets import CONFIGS, Preset
 from quality_report import CONFIDENCE, LOWER_IS_BETTER, METRICS, paired_difference, verdict
+
+
+def code_fingerprint() -> dict:
+    """What produced a result: a hash of the ant_core Python and C++/CUDA sources (the version
+    number does not change between commits) and the git commit when there is a checkout."""
+    import ant_core
+
+    root = Path(ant_core.__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    sources = [*(root / "ant_core").rglob("*.py"), *(root / "csrc").rglob("*")]
+    for path in sorted(p for p in sources if p.suffix in {".py", ".cpp", ".hpp", ".h", ".cu"}):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"sources_sha256": digest.hexdigest()[:16], "git_commit": commit or None}
 
 
 def environment_record(device: str) -> dict:
@@ -35,6 +54,7 @@ def environment_record(device: str) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "gpu": gpu, "device": device, "hostname": platform.node()},
+        "code": code_fingerprint(),
     }
 
 

@@ -77,6 +77,9 @@ def test_paired_difference_hand_computed():
     one = report.paired_difference({0: 1.0, 5: 3.0}, {0: 2.0})
     assert one["n_pairs"] == 1 and one["ci_low"] is None
     assert report.verdict(one).startswith("insufficient")
+    # a diverged run (NaN metric) gives no interval, not "no significant difference"
+    diverged = report.paired_difference({0: 1.0, 1: math.nan, 2: 0.5}, vanilla)
+    assert diverged["ci_low"] is None and report.verdict(diverged).startswith("not available")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -122,6 +125,7 @@ def test_smoke_end_to_end(smoke_run):
             assert rec["seed"] == seed and rec["wall_seconds"] > 0
             assert set(rec["versions"]) == {"python", "torch", "numpy", "ant_core"}
             assert {"platform", "cpu_count", "gpu", "device"} <= set(rec["machine"])
+            assert len(rec["code"]["sources_sha256"]) == 16  # the code, not just "0.1.0"
             assert run["train_config"]["seed"] == seed
             assert run["train_config"]["steps"] == preset.steps
     # the affinity configuration used the per-seed matrix estimated from vanilla's warm-up
