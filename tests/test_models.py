@@ -207,9 +207,27 @@ def test_sincos_pos_embed_distinct_positions():
     ("unet", dict(channel_mult=()), "channel_mult"),
     ("unet", dict(dropout=1.5), "dropout"),
     ("unet", dict(num_classes=0), "num_classes"),
+    ("unet", dict(base_channels=48, channel_mult=(2, 2), num_groups=32), "base_channels=48"),
+    ("unet", dict(time_scale=0.0), "time_scale"),
+    ("dit", dict(time_scale=float("nan")), "time_scale"),
+    ("dit", dict(hidden_size=32, num_heads=2, mlp_ratio=0.001), "mlp_ratio"),
+    ("dit", dict(mlp_ratio="4"), "mlp_ratio"),
 ])
 def test_bad_config_raises_naming_argument(kind, config, arg):
     with pytest.raises(ValueError, match=arg):
+        create_model(kind, **config)
+
+
+@pytest.mark.parametrize("kind,config,arg", [
+    ("unet", dict(image_size=16, attention_resolutions=(16.7,)), "attention_resolutions"),
+    ("unet", dict(image_size=16, attention_resolutions=16), "attention_resolutions"),
+    ("unet", dict(channel_mult=2), "channel_mult"),
+    ("unet", dict(mid_attention="no"), "mid_attention"),
+    ("dit", dict(learn_pos_embed="no"), "learn_pos_embed"),
+])
+def test_wrong_types_in_a_config_are_refused_not_coerced(kind, config, arg):
+    """A JSON --model-config can carry these: 16.7 must not become 16, "no" must not be True."""
+    with pytest.raises(TypeError, match=arg):
         create_model(kind, **config)
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LabelEmbedder, TimestepEmbedder, check_positive_int, prepare_inputs
+from .layers import (LabelEmbedder, TimestepEmbedder, check_bool, check_positive_float,
+                     check_positive_int, prepare_inputs)
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
 
@@ -116,8 +117,11 @@ class DiT(nn.Module):
         if hidden_size % 4:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 "
                              "(2-D sin-cos positional embedding)")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        check_positive_float("mlp_ratio", mlp_ratio)
+        if int(hidden_size * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio} leaves the MLP no hidden unit "
+                             f"(int(hidden_size * mlp_ratio) = 0)")
+        check_bool("learn_pos_embed", learn_pos_embed)
 
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.patch_size, self.num_classes = patch_size, num_classes

@@ -29,6 +29,27 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_int_sequence(name: str, value) -> tuple:
+    """``value`` as a tuple of positive ints (a list/tuple, not a bare int), naming ``name``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    return tuple(check_positive_int(f"{name} entries", v) for v in value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_positive_float(name: str, value) -> float:
+    """``value`` as a finite float > 0, naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of (possibly continuous) timesteps.
 
@@ -61,7 +82,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1.0):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.time_scale = float(time_scale)
+        self.time_scale = check_positive_float("time_scale", time_scale)
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LabelEmbedder, TimestepEmbedder, check_positive_int, prepare_inputs, zero_module
+from .layers import (LabelEmbedder, TimestepEmbedder, check_bool, check_int_sequence,
+                     check_positive_int, prepare_inputs, zero_module)
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock"]
 
@@ -123,11 +124,10 @@ class UNet(nn.Module):
         check_positive_int("num_groups", num_groups)
         if num_classes is not None:
             check_positive_int("num_classes", num_classes)
-        channel_mult = tuple(channel_mult)
+        channel_mult = check_int_sequence("channel_mult", channel_mult)
         if not channel_mult:
             raise ValueError("channel_mult must not be empty")
-        for m in channel_mult:
-            check_positive_int("channel_mult entries", m)
+        check_bool("mid_attention", mid_attention)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factor = 2 ** (len(channel_mult) - 1)
@@ -137,16 +137,17 @@ class UNet(nn.Module):
         level_sizes = [image_size // 2 ** i for i in range(len(channel_mult))]
         if attention_resolutions is None:
             attention_resolutions = (level_sizes[-1],)
-        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        attention_resolutions = check_int_sequence("attention_resolutions", attention_resolutions)
         for r in attention_resolutions:
             if r not in level_sizes:
                 raise ValueError(f"attention_resolutions entry {r} is not a feature-map size of "
                                  f"this UNet (sizes: {level_sizes})")
         widths = [base_channels * m for m in channel_mult]
+        if any(w % num_groups for w in [base_channels, *widths]):
+            raise ValueError(f"num_groups={num_groups} must divide base_channels={base_channels} "
+                             f"and every level's channels (base_channels * channel_mult = "
+                             f"{widths})")
         for size, w in zip(level_sizes, widths):
-            if w % num_groups:
-                raise ValueError(f"num_groups={num_groups} must divide every level's channels "
-                                 f"(base_channels * channel_mult = {widths})")
             if size in attention_resolutions and w % num_heads:
                 raise ValueError(f"num_heads={num_heads} must divide the channels of attention "
                                  f"layers ({w})")
