@@ -49,6 +49,12 @@ def atomic_save(obj, path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return path
 
 
@@ -110,10 +116,10 @@ def latest_checkpoint(directory):
 
 
 def prune_checkpoints(directory, keep: int) -> list:
-    """Delete all but the ``keep`` newest checkpoints (keep <= 0: delete nothing)."""
-    if keep <= 0:
-        return []
-    old = list_checkpoints(directory)[:-keep]
+    """Delete all but the ``keep`` newest checkpoints (keep <= 0: delete none), and temporary
+    files that a killed write left behind (call it only after a write has finished)."""
+    old = list_checkpoints(directory)[:-keep] if keep > 0 else []
+    old += sorted(Path(directory).glob(".ckpt_*.pt.*.tmp"))
     for p in old:
         p.unlink(missing_ok=True)
     return old

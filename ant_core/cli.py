@@ -269,7 +269,8 @@ def _sample_parser(sub):
     p.add_argument("checkpoint", help="a checkpoint file or a run folder")
     p.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; DDPM uses T)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default min(50, T); DDPM uses T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights")

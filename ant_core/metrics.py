@@ -46,7 +46,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``, computed in
     float64 as ``tr((A sigma2 A)^(1/2))`` with ``A = sigma1^(1/2)``: both roots are of symmetric
     PSD matrices (eigendecomposition, negative round-off eigenvalues clipped to 0), which is
-    stable for singular covariances (fewer samples than features). Accepts numpy or torch.
+    stable for singular covariances (fewer samples than features). Accepts numpy or torch;
+    ``sigma1`` / ``sigma2`` must be symmetric and positive semi-definite up to rounding
+    (ValueError otherwise, never silently symmetrised or clipped).
     """
     mu1, mu2 = _matrix("mu1", mu1, 1), _matrix("mu2", mu2, 1)
     sigma1, sigma2 = _matrix("sigma1", sigma1, 2), _matrix("sigma2", sigma2, 2)
@@ -56,6 +58,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {s.shape}")
+        scale = np.abs(s).max(initial=0.0)
+        if not np.allclose(s, s.T, rtol=0.0, atol=1e-8 * scale):
+            raise ValueError(f"{name} must be a symmetric covariance matrix")
+        if d and np.linalg.eigvalsh((s + s.T) / 2)[0] < -1e-8 * scale * d:
+            raise ValueError(f"{name} must be positive semi-definite (a covariance matrix)")
     root1 = _psd_sqrt(sigma1)
     inner = root1 @ sigma2 @ root1
     values = np.linalg.eigvalsh((inner + inner.T) / 2)
@@ -131,6 +138,10 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
                          f"dimension, got {real.shape[1]} and {fake.shape[1]}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if real.shape[1] < 1:
+        raise ValueError("real_features and fake_features need at least one feature dimension")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     if k >= min(real.shape[0], fake.shape[0]):
         raise ValueError(f"k={k} must be smaller than the number of real ({real.shape[0]}) and "
                          f"fake ({fake.shape[0]}) samples")

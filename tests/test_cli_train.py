@@ -46,6 +46,12 @@ def trained_run(tmp_path_factory):
     return out
 
 
+def test_sample_defaults_to_at_most_t_steps(trained_run, tmp_path):
+    # the run has T=20: a fixed default of 50 DDIM steps was an error
+    assert main(["sample", str(trained_run), "--num", "2", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s.png").is_file()
+
+
 def test_train_writes_the_run_folder(trained_run, capsys):
     for name in ("config.json", "clusters.json", "metrics.jsonl", "samples.png"):
         assert (trained_run / name).is_file(), name

@@ -114,6 +114,11 @@ def test_fd_errors():
         frechet_distance_from_features(np.zeros((4, 3)), np.zeros((5, 2)))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+    # not covariances: refused, not symmetrised or clipped (-I against I used to give 0)
+    with pytest.raises(ValueError, match="sigma1 must be positive semi-definite"):
+        frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="sigma2 must be a symmetric"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
 
 
 def _brute_force_precision_recall(real, fake, k):
@@ -167,6 +172,10 @@ def test_precision_recall_errors():
         precision_recall(x, np.zeros((5, 3)))
     with pytest.raises(ValueError, match="real_features"):
         precision_recall(np.zeros(5), x)
+    with pytest.raises(ValueError, match="chunk"):
+        precision_recall(x, x, chunk=0)
+    with pytest.raises(ValueError, match="feature dimension"):
+        precision_recall(np.zeros((5, 0)), np.zeros((5, 0)))
 
 
 def test_pixel_features_shapes_and_values():

@@ -222,9 +222,14 @@ def test_resume_is_exact(tmp_path, overrides):
 
 
 def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    orphan = folder / ".ckpt_00000007.pt.abc123.tmp"  # what a write killed with -9 leaves
+    orphan.write_bytes(b"partial")
     train(tiny(tmp_path, steps=4, save_every=1, keep_last=2))
-    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    names = [p.name for p in ckpt.list_checkpoints(folder)]
     assert names == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+    assert not orphan.exists()
     with pytest.raises(ValueError, match=r"\['lr'\]"):
         Trainer(tiny(tmp_path, steps=8, lr=5e-3), resume=True)
     with pytest.raises(ValueError, match="nothing to do"):
