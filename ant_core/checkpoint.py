@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "checkpoint_step", "capture_rng_state",
-           "restore_rng_state", "load_model", "FORMAT_VERSION"]
+           "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "checkpoint_step",
+           "capture_rng_state", "restore_rng_state", "load_model", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")

@@ -134,10 +134,10 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
         to get a ``ValueError`` instead.
 
     Works under autograd (gradients of any order: with ``create_graph=True`` the gradient comes
-    from differentiable torch ops instead of the fused kernel), ``torch.compile(fullgraph=True)`` (fake
-    kernels are registered), AMP and CUDA graphs; CUDA kernels run on the current stream, one
-    launch per direction, and give bitwise-identical results from run to run (as does the CPU
-    path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing with
+    from differentiable torch ops instead of the fused kernel), ``torch.compile(fullgraph=True)``
+    (fake kernels are registered), AMP and CUDA graphs; CUDA kernels run on the current stream,
+    one launch per direction, and give bitwise-identical results from run to run (as does the
+    CPU path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing with
     plain torch ops.
     """
     for name, value in (("pred", pred), ("target", target), ("groups", groups),

@@ -202,8 +202,9 @@ class NoiseLevelGroups:
     The cluster boundaries in log-SNR are the midpoints between the log-SNRs of the last
     timestep of a cluster and the first of the next; a noise level exactly on a boundary goes to
     the less noisy cluster; levels beyond the grid go to the first (least noisy) or last cluster.
-    A NaN log-SNR (or a NaN or negative ``sigma``) gets the out-of-range label ``k``, which :func:`ant_core.grouped_mse`
-    reports (an error on the CPU, NaN losses on CUDA) instead of hiding it. No host sync.
+    A NaN log-SNR (or a NaN or negative ``sigma``) gets the out-of-range label ``k``, which
+    :func:`ant_core.grouped_mse` reports (an error on the CPU, NaN losses on CUDA) instead of
+    hiding it. No host sync.
     """
 
     def __init__(self, clusters, schedule):

@@ -484,9 +484,6 @@ class Trainer:
                 if (cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main
                         and self.step < cfg.steps):
                     self._write_samples(f"samples/step_{self.step:08d}.png")
-            if bar is not None:
-                bar.close()
-                bar = None
             path = self.save_checkpoint()  # still under our handlers: a signal cannot cut it
         finally:
             if bar is not None:

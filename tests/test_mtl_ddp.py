@@ -87,8 +87,8 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {name: _train(name, lambda step: _batches(step)[rank]) for name in METHODS}
-        results.update({f"absent/{name}": _train(name, lambda s: _batches_with_absent_tasks(s)[rank])
-                        for name in ABSENT_METHODS})
+        absent = lambda step: _batches_with_absent_tasks(step)[rank]  # noqa: E731
+        results.update({f"absent/{name}": _train(name, absent) for name in ABSENT_METHODS})
         sampler = StratifiedSampler(IntervalClusters.from_bounds([(0, 4), (4, 10)]), seed=3)
         results["sampler_rank"] = torch.tensor([sampler.rank, sampler.world_size])
         results["sampled_t"] = sampler.sample(32)[0]

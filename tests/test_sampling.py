@@ -159,11 +159,13 @@ def test_noise_level_groups_match_nearest_grid_timestep(schedule_name, T, data):
     grid = torch.tensor(schedule.log_snr)
     # every grid point gets its own label, as sigma and as log-SNR
     assert torch.equal(to_group(log_snr=grid), torch.tensor(np.array(clusters.labels)))
-    assert torch.equal(to_group(sigma=torch.tensor(schedule.sigmas)), torch.tensor(np.array(clusters.labels)))
+    labels = torch.tensor(np.array(clusters.labels))
+    assert torch.equal(to_group(sigma=torch.tensor(schedule.sigmas)), labels)
     # random levels inside and beyond the grid, in float32 and float64, any shape
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     span = float(grid[0] - grid[-1])
-    levels = grid[-1] - 0.2 * span + 1.4 * span * torch.rand(4, 50, generator=gen, dtype=torch.float64)
+    uniform = torch.rand(4, 50, generator=gen, dtype=torch.float64)
+    levels = grid[-1] - 0.2 * span + 1.4 * span * uniform
     for dtype in (torch.float64, torch.float32):
         values = levels.to(dtype)
         expected = _nearest_grid_label(clusters, schedule.log_snr, values)
@@ -179,7 +181,8 @@ def test_noise_level_groups_boundaries_edges_and_nan():
     clusters = IntervalClusters.from_bounds([(0, 4), (4, 7), (7, 10)])
     to_group = NoiseLevelGroups(clusters, schedule)
     lam = schedule.log_snr
-    on_boundaries = torch.tensor([(lam[3] + lam[4]) / 2, (lam[6] + lam[7]) / 2], dtype=torch.float64)
+    on_boundaries = torch.tensor([(lam[3] + lam[4]) / 2, (lam[6] + lam[7]) / 2],
+                                 dtype=torch.float64)
     assert to_group(log_snr=on_boundaries).tolist() == [0, 1]  # ties go to the less noisy cluster
     nudged = on_boundaries - 1e-9
     assert to_group(log_snr=nudged).tolist() == [1, 2]
