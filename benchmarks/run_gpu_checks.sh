@@ -33,7 +33,8 @@ fi
 step CUDA tests
 timeout 200 python3 -m pytest -q -p no:cacheprovider --maxfail=20 -k "${PYTEST_K:-}" \
   tests/test_grouped_mse.py tests/test_clustering_batched.py tests/test_cuda_training.py \
-  tests/test_affinity.py::test_auto_packs_timesteps_on_a_gpu > "$LOGS/cuda_tests.log" 2>&1
+  tests/test_affinity.py::test_auto_packs_timesteps_on_a_gpu \
+  tests/test_sampling.py::test_noise_level_groups_cuda_matches_cpu > "$LOGS/cuda_tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS/cuda_tests.log" | tail -25
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
