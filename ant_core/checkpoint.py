@@ -49,12 +49,14 @@ def atomic_save(obj, path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+    try:  # make the rename itself durable (POSIX; some filesystems cannot fsync a folder)
         folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
+    except (AttributeError, OSError):
+        pass
     return path
 
 

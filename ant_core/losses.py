@@ -10,6 +10,8 @@ reference for tests and a fallback users may call explicitly) and :func:`check_g
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ._extension import torch_ops
@@ -145,8 +147,9 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"grouped_mse: {name} must be a torch.Tensor, got "
                             f"{type(value).__name__}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+    if isinstance(num_groups, bool) or not hasattr(num_groups, "__index__"):
         raise TypeError(f"grouped_mse: num_groups must be an int, got {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)  # numpy integers too (e.g. labels.max() + 1)
     group_loss, sample_mse, _ = _grouped_mse_op(pred, target, groups, num_groups, weight)
     if not return_per_sample:
         return group_loss

@@ -34,6 +34,16 @@ def _matrix(name, value, ndim):
     return array
 
 
+def _precision(value) -> float:
+    """Machine epsilon of an input's floating dtype (float64's for anything else)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return torch.finfo(value.dtype).eps
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Symmetric square root of a (numerically) PSD matrix via eigendecomposition."""
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
@@ -51,6 +61,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     (ValueError otherwise, never silently symmetrised or clipped).
     """
     mu1, mu2 = _matrix("mu1", mu1, 1), _matrix("mu2", mu2, 1)
+    # rounding of the inputs' own precision (a float32 or bf16 covariance is PSD only up to it)
+    eps = max(_precision(sigma1), _precision(sigma2))
     sigma1, sigma2 = _matrix("sigma1", sigma1, 2), _matrix("sigma2", sigma2, 2)
     d = mu1.shape[0]
     if mu2.shape != (d,):
@@ -58,10 +70,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {s.shape}")
-        scale = np.abs(s).max(initial=0.0)
-        if not np.allclose(s, s.T, rtol=0.0, atol=1e-8 * scale):
+        tolerance = 10 * d * eps * np.abs(s).max(initial=0.0)
+        if not np.allclose(s, s.T, rtol=0.0, atol=tolerance):
             raise ValueError(f"{name} must be a symmetric covariance matrix")
-        if d and np.linalg.eigvalsh((s + s.T) / 2)[0] < -1e-8 * scale * d:
+        if d and np.linalg.eigvalsh((s + s.T) / 2)[0] < -tolerance:
             raise ValueError(f"{name} must be positive semi-definite (a covariance matrix)")
     root1 = _psd_sqrt(sigma1)
     inner = root1 @ sigma2 @ root1

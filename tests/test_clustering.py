@@ -176,6 +176,17 @@ def test_constant_runs_of_non_integer_values_cost_exactly_zero(runs, descending,
         check_against_brute(res, cost, x.size, k, exact_ties=True)
 
 
+@pytest.mark.parametrize("objective", ["abs", "sse"])
+@pytest.mark.parametrize("values", [[0.7, 1 / 3, 0.3, 0.2], [0.1, 0.25, 0.7, 1.3, 2.9, 3.1, 4.7],
+                                    [0.1, 0.25, 0.7, 0.7, 1.3]])
+def test_one_value_intervals_cost_exactly_zero(objective, values):
+    """With k = T every interval holds one value: cost exactly 0 whether or not the series has
+    equal neighbours elsewhere (s2 - s * s / 1 rounds either way for non-integer values)."""
+    for method in ("exact", "monge"):
+        res = interval_clustering(len(values), objective, values=values, method=method)
+        assert res.cost == 0.0 and res.costs_by_k[-1] == 0.0
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(k=2, objective="sse", values=[0.0, 1e200, 2e200, 3e200]),
     dict(k=2, objective="abs", values=[0.0, 1e308, 1.5e308]),

@@ -1,6 +1,7 @@
 """ant_core.grouped_mse (the fused CPU/CUDA op) against the pure-torch reference_grouped_mse."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -503,6 +504,12 @@ def test_fake_kernels_raise_like_the_op(case):
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         with pytest.raises(error, match=name):
             grouped_mse(*fake)
+
+
+def test_num_groups_accepts_numpy_integers():
+    p, g = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    expected = grouped_mse(p, p * 0, g, 2)
+    torch.testing.assert_close(grouped_mse(p, p * 0, g, np.int64(2)), expected)
 
 
 def test_check_groups():

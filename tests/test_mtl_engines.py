@@ -406,6 +406,37 @@ def test_verify_catches_what_the_engine_cannot_see(case):
     assert not all(torch.allclose(a, b) for a, b in zip(unchecked, reference))
 
 
+def test_verify_waits_for_non_zero_finite_references_and_covers_low_memory():
+    """A zero-initialised head gives the tied embedding a zero gradient at step 0 (nothing to
+    check), a non-finite step checks nothing either; the check stays on until it has compared
+    every parameter, in both engine modes."""
+    group = torch.tensor([0, 0, 1, 1])
+    tokens = torch.randint(0, 6, (4, 3))
+    for low_memory in (False, True):
+        torch.manual_seed(0)
+        model = TiedEmbedding().double()
+        head = model.mix
+        engine = OneBackwardEngine(model, low_memory=low_memory)
+        method = mtl.create("mgda", num_tasks=2, engine=engine)
+
+        def step(scale=1.0):
+            with engine.record():
+                out = model(tokens).reshape(4, -1).mean(1) * scale
+            method.backward(_group_losses(out, group, 2), list(model.parameters()), group=group)
+
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+        step()  # tanh(0) = 0: the tied use contributes nothing yet
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            step(float("inf"))  # nothing finite to compare
+        assert engine.verify
+        with torch.no_grad():
+            head.weight.normal_()
+        with pytest.raises(ValueError, match="embed.weight.*do not combine"):
+            step()
+
+
 def test_verify_runs_once_and_accepts_a_correct_model():
     model = ConvNet().double()
     engine = OneBackwardEngine(model)

@@ -226,11 +226,15 @@ class OneBackwardEngine:
     sequence as long as the batch); its input and output are not modified in place afterwards
     (checked). BatchNorm in training mode (or without running stats) mixes samples and is
     refused with ValueError. The rest the engine cannot see, so with ``verify=True`` (default)
-    its first :meth:`task_gradients` call also runs one ordinary backward and checks that the
-    task gradients combine to it (``Σ_k c_k ∇L_k = ∇ Σ_k c_k L_k`` for distinct fixed ``c_k``,
-    to ``verify_rtol`` per parameter), raising ValueError with the offending parameters' names
-    otherwise.
+    its first calls also run one ordinary backward and check that the task gradients combine to
+    it (``Σ_k c_k ∇L_k = ∇ Σ_k c_k L_k`` for distinct fixed ``c_k``, to ``verify_rtol`` per
+    parameter), raising ValueError with the offending parameters' names otherwise. A parameter
+    counts as checked once its reference gradient was finite and non-zero (a zero-initialised
+    output layer leaves most gradients 0 at step 0); checking stops when all are checked, or
+    after ``VERIFY_CALLS`` calls. Under DDP the verdict is all-reduced, so ranks agree.
     """
+
+    VERIFY_CALLS = 10
 
     def __init__(self, model: nn.Module, *, low_memory: bool = False, verify: bool = True,
                  verify_rtol: float = 1e-2):
@@ -244,6 +248,7 @@ class OneBackwardEngine:
         self.model = model
         self.low_memory = low_memory
         self.verify, self.verify_rtol = verify, float(verify_rtol)
+        self._verify_calls, self._unverified = 0, None
         self._storage = None
         self._records = []
         self._recording = False
@@ -350,13 +355,7 @@ class OneBackwardEngine:
     def task_gradients(self, losses, parameters, *, group=None):
         """:class:`TaskGradients` from one backward (see the class docstring)."""
         params = list(parameters)
-        full = None
-        if self.verify and losses.requires_grad:  # once: the reference is one more backward
-            self._check_records(group)
-            # distinct coefficients: a sum alone would not see samples given to the wrong task
-            coeffs = torch.linspace(0.5, 1.5, losses.numel(), dtype=torch.float64)
-            full = torch.autograd.grad((coeffs.to(losses) * losses).sum(), params,
-                                       retain_graph=True, allow_unused=True)
+        reference = self._reference(losses, params, group)
         out = TaskGradients(params, losses.numel(), self._storage)
         self._storage = out.buffers
         tasks, items, _, _ = self._one_backward(losses, params, group, out)
@@ -371,25 +370,48 @@ class OneBackwardEngine:
             find_handler(module)(module, x, gy, tasks, targets)
             for i, g in shared:
                 out.add(i, g)
-        if full is not None:
-            self._check_combination(out, params, coeffs, full)
-            self.verify = False
+        if reference is not None:
+            self._check_combination(params, reference, out.combine(reference[0]))
         return out
 
-    def _check_combination(self, out, params, coeffs, full):
-        """Raise unless ``Σ_k c_k g_k`` matches the ordinary gradient ``full`` of ``Σ c_k L_k``."""
-        summed = out.combine(coeffs)
-        pairs = [(torch.zeros_like(p) if s is None else s.double(),
-                  torch.zeros_like(p) if f is None else f.double())
-                 for p, s, f in zip(params, summed, full)]
-        floor = 1e-6 * torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(f) for _, f in pairs])).item()
+    def _reference(self, losses, params, group):
+        """While verifying: ``(c, ∇ Σ_k c_k L_k)`` from one more (ordinary) backward, else None.
+        Distinct ``c_k``: a plain sum would not see samples given to the wrong task."""
+        if not (self.verify and losses.requires_grad):
+            return None
+        self._check_records(group)
+        coeffs = torch.linspace(0.5, 1.5, losses.numel(), dtype=torch.float64)
+        full = torch.autograd.grad((coeffs.to(losses) * losses).sum(), params, retain_graph=True,
+                                   allow_unused=True)
+        return coeffs, full
+
+    def _check_combination(self, params, reference, combined):
+        """Raise unless ``combined`` (per parameter ``Σ_k c_k g_k``, None where unused) matches
+        the reference gradient, for every parameter whose reference is finite and non-zero."""
+        from .distributed import all_reduce_sum, world_size
+
+        if self._unverified is None:
+            self._unverified = {id(p) for p in params}
+        norm = torch.linalg.vector_norm
+        pairs = [(torch.zeros_like(p, dtype=torch.float64) if f is None else f.double(),
+                  torch.zeros_like(p, dtype=torch.float64) if g is None else g.double())
+                 for p, f, g in zip(params, reference[1], combined)]
+        ref, own, err = (torch.stack(v).to(params[0].device) for v in
+                         zip(*[(norm(f), norm(g), norm(f - g)) for f, g in pairs]))
+        checked = torch.isfinite(ref) & torch.isfinite(own) & (ref > 0)
+        floor = 1e-6 * torch.linalg.vector_norm(torch.where(checked, ref, 0.0))
+        wrong = checked & (err > self.verify_rtol * (ref + own) + floor)
+        flags = torch.stack([wrong, checked]).double()
+        if world_size() > 1:  # the same verdict and the same next step on every rank
+            all_reduce_sum([flags])
+        wrong, checked = (flags > 0).cpu().tolist()
+        self._unverified -= {id(p) for p, c in zip(params, checked) if c}
+        self._verify_calls += 1
+        if not self._unverified or self._verify_calls >= self.VERIFY_CALLS:
+            self.verify = False
         names = {id(p): name for name, p in self.model.named_parameters()}
-        wrong = [names.get(id(p), f"parameter {i}") for i, (p, (s, f)) in
-                 enumerate(zip(params, pairs))
-                 if torch.linalg.vector_norm(s - f).item() > self.verify_rtol * (
-                     torch.linalg.vector_norm(f).item() + torch.linalg.vector_norm(s).item())
-                 + floor]
+        wrong = [names.get(id(p), f"parameter {i}") for i, (p, w) in enumerate(zip(params, wrong))
+                 if w]
         if wrong:
             raise ValueError(
                 f"OneBackwardEngine: the per-task gradients of {', '.join(wrong[:5])}"
@@ -410,6 +432,7 @@ class OneBackwardEngine:
         """
         params = list(parameters)
         num_tasks = losses.numel()
+        reference = self._reference(losses, params, group)
         tasks, items, fallback, fallback_out = self._one_backward(losses, params, group)
         index = {id(p): i for i, p in enumerate(params)}
         users = {}
@@ -451,6 +474,8 @@ class OneBackwardEngine:
                     out[i] = g if out[i] is None else out[i] + g
             return out
 
+        if reference is not None:
+            self._check_combination(params, reference, write(reference[0]))
         return gramian, write
 
 
