@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import list_checkpoints, load_model
+from .checkpoint import list_checkpoints, load_checkpoint, load_model
 from .sketch import CountSketch
 
 __all__ = ["estimate_affinity", "AffinityResult", "timestep_grid",
@@ -68,16 +69,22 @@ def timestep_grid(T: int, M: int):
     return edges[:-1], edges[1:]
 
 
+INTERPOLATIONS = ("constant", "linear")
+
+
 def expand_grid(grid: np.ndarray, T: int, interpolation: str = "constant",
                 centers=None) -> np.ndarray:
     """The T x T matrix of an M x M grid matrix (see the module docstring)."""
+    grid = np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 2 or grid.shape[0] != grid.shape[1]:
+        raise ValueError(f"grid must be a square (M, M) matrix, got shape {grid.shape}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     M = grid.shape[0]
     lo, hi = timestep_grid(T, M)
     if interpolation == "constant":
         bin_of = np.repeat(np.arange(M), hi - lo)
         return grid[np.ix_(bin_of, bin_of)].copy()
-    if interpolation != "linear":
-        raise ValueError(f"interpolation must be 'constant' or 'linear', got {interpolation!r}")
     centers = (lo + hi - 1) / 2.0 if centers is None else np.asarray(centers, dtype=np.float64)
     W = np.zeros((T, M))
     for m in range(M):  # column m: the hat function of grid point m
@@ -88,6 +95,21 @@ def expand_grid(grid: np.ndarray, T: int, interpolation: str = "constant",
     A = (A + A.T) / 2
     np.fill_diagonal(A, 1.0)
     return A
+
+
+_SETUP_KEYS = ("T", "schedule", "prediction", "model", "image_size", "class_conditional")
+
+
+def _check_same_setup(files, first_state):
+    """Every checkpoint must come from the same diffusion and model as the first."""
+    for path in files[1:]:
+        state = load_checkpoint(path, mmap=True)
+        differ = [k for k in _SETUP_KEYS if state["config"].get(k) != first_state["config"].get(k)]
+        if state["model_config"] != first_state["model_config"]:
+            differ.append("model_config")
+        if differ:
+            raise ValueError(f"checkpoint {path} differs from {files[0]} in {differ}: its "
+                             "gradients are not of the same tasks and model")
 
 
 def diffusion_loss(diffusion, reduction: str = "mean"):
@@ -135,10 +157,15 @@ class AffinityResult:
             path = path.with_suffix(path.suffix + ".npy") if path.suffix else \
                 path.with_suffix(".npy")
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, self.matrix.astype(np.float64))
         side = path.with_suffix(".json")
         meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps]}
-        side.write_text(json.dumps(meta, indent=2))
+        # atomic: the matrix feeds training runs; a killed write must not leave half a file
+        for target, write in ((path, lambda f: np.save(f, self.matrix.astype(np.float64))),
+                              (side, lambda f: f.write(json.dumps(meta, indent=2).encode()))):
+            tmp = target.with_name(f".{target.name}.tmp")
+            with open(tmp, "wb") as handle:
+                write(handle)
+            os.replace(tmp, target)
         return path, side
 
 
@@ -207,9 +234,11 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
                                            and all(isinstance(m, (str, Path)) for m in models)):
         sources = [models] if isinstance(models, (str, Path)) else list(models)
         files = [f for s in sources for f in _checkpoint_files(s)]
-        # the first is checked before any work; the others are loaded one at a time, when used
+        # the first is loaded before any work; the others are loaded one at a time, when used,
+        # but their configs (memory-mapped) are compared with the first's now
         first, ckpt_diffusion, state = load_model(files[0], ema, device or "cpu")
         cfg = state["config"]
+        _check_same_setup(files, state)
         models = [first] + files[1:]
         if diffusion is None and loss_fn is None:
             diffusion = ckpt_diffusion
@@ -242,12 +271,19 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
             raise ValueError("T: pass T (or a diffusion) when a custom loss_fn is used")
         T = diffusion.T
     T = _check_int("T", T, 1)
+    if diffusion is not None and loss_fn is None and T != diffusion.T:
+        raise ValueError(f"T={T} does not match the diffusion's T={diffusion.T}")
     M = min(T, 100) if M is None else M
     lo, hi = timestep_grid(T, M)
     d = _check_int("d", d, 1)
     batches = _check_int("batches", batches, 1)
     if timesteps not in ("center", "random"):
         raise ValueError(f"timesteps must be 'center' or 'random', got {timesteps!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    seed = _check_int("seed", seed, 0)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this torch has no CUDA device")
     base = None
     if loss_fn is None:
         if diffusion is None:

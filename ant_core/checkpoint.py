@@ -60,14 +60,15 @@ def atomic_save(obj, path) -> Path:
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Load an ant-core checkpoint with ``weights_only=True``; CheckpointError when it is absent,
-    unreadable, corrupt or not one of ours."""
+    unreadable, corrupt or not one of ours. ``mmap=True`` maps the tensors instead of reading
+    them (cheap when only the config is needed)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable "
                               f"({type(exc).__name__}: {exc})") from None

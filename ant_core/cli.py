@@ -67,6 +67,9 @@ def _cmd_cluster(args) -> int:
         if path:
             inputs[name] = _load_npy(path, name)
     uses_schedule = not inputs
+    if args.plot:  # before printing anything: no table followed by a failure
+        from .visualize import check_plot_path
+        check_plot_path(args.plot)
     clusters = interval_clustering(
         args.k, args.objective,
         schedule=sched if uses_schedule else None,
@@ -444,7 +447,8 @@ def _affinity_parser(sub):
         "`ant train --objective affinity --affinity FILE.npy`.")
     p.add_argument("checkpoints", nargs="+", help="run folder(s) (all their checkpoints) or "
                    "checkpoint file(s)")
-    p.add_argument("--M", type=int, default=100, help="timestep grid size (default 100, <= T)")
+    p.add_argument("--M", type=int, default=None,
+                   help="timestep grid size (default min(100, T))")
     p.add_argument("--d", type=int, default=4096, help="sketch dimension (default 4096)")
     p.add_argument("--exact", action="store_true", help="keep full gradients (small models)")
     p.add_argument("--batches", type=int, default=4, help="batches per timestep (default 4)")
@@ -507,10 +511,14 @@ def _cmd_affinity(args) -> int:
     from .checkpoint import load_checkpoint
     from .train_config import TrainConfig
     from .trainer import build_dataset
-    from .visualize import plot_affinity
+    from .visualize import check_plot_path, plot_affinity
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plot:  # before the (long) estimate, not after it
+        if args.k < 1:
+            raise ValueError(f"--k must be >= 1, got {args.k}")
+        check_plot_path(args.plot)
     files = [f for c in args.checkpoints for f in _checkpoint_files(c)]
     if args.last is not None:
         if args.last < 1:

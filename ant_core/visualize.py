@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["image_grid", "write_png", "save_image_grid", "read_metrics", "plot_training_curves",
-           "plot_clusters", "plot_affinity", "has_matplotlib"]
+           "plot_clusters", "plot_affinity", "has_matplotlib", "check_plot_path"]
 
 
 def image_grid(images, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
     """Tile (N, C, H, W) images in [-1, 1] (tensor or array) into one uint8 (H', W', C) array
     (C = 1 or 3), ``nrow`` images per row (default ~sqrt(N)), ``padding`` white pixels between;
-    ``scale`` enlarges every image by pixel repetition first."""
+    ``scale`` enlarges every image by pixel repetition first. For display only: values outside
+    [-1, 1] are clipped and NaN drawn as mid-grey (keep the raw arrays, e.g. ``ant sample``'s
+    .npz, for anything else)."""
     if hasattr(images, "detach"):
         images = images.detach().float().cpu().numpy()
     images = np.asarray(images, dtype=np.float32)
@@ -36,6 +38,10 @@ def image_grid(images, nrow: int | None = None, padding: int = 1, scale: int = 1
     n, c, h, w = images.shape
     if c not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {c}")
+    for name, value, low in (("nrow", nrow, 1), ("padding", padding, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
     pixels = np.round((np.clip(np.nan_to_num(images), -1, 1) + 1) * 127.5).astype(np.uint8)
@@ -127,6 +133,14 @@ def has_matplotlib() -> bool:
     return True
 
 
+def check_plot_path(path) -> Path:
+    """Before any long work: matplotlib is importable and ``path``'s folder can be made."""
+    _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _pyplot():
     """matplotlib.pyplot on the Agg backend, or ImportError saying how to get it."""
     try:
@@ -177,6 +191,9 @@ def plot_training_curves(metrics_path, out_dir) -> dict:
 def plot_clusters(c, log_snr, path) -> Path:
     """The intervals of an :class:`~ant_core.IntervalClusters` drawn over timestep (and
     log-SNR when given). Needs matplotlib."""
+    if log_snr is not None and np.shape(log_snr) != (c.T,):
+        raise ValueError(f"log_snr must have shape ({c.T},), got {np.shape(log_snr)}")
+    check_plot_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     t = np.arange(c.T)
@@ -198,11 +215,16 @@ def plot_clusters(c, log_snr, path) -> Path:
 def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
     """Heatmap of a T x T affinity over timestep (and over log-SNR when given), with the
     intervals of ``clusters`` (an IntervalClusters) outlined on the diagonal. Needs matplotlib."""
+    A = np.asarray(matrix, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"matrix must be square (T, T), got shape {A.shape}")
+    T = A.shape[0]
+    if clusters is not None and clusters.T != T:
+        raise ValueError(f"clusters cover T={clusters.T} timesteps, the matrix {T}")
+    check_plot_path(path)
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
-    A = np.asarray(matrix, dtype=np.float64)
-    T = A.shape[0]
     panels = 1 if log_snr is None else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
     ax = axes[0, 0]

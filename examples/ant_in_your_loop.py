@@ -89,18 +89,24 @@ def train(method_name="uw", engine_name="autograd", steps=300, batch=100, k=5, s
             with torch.no_grad():
                 method.update(grouped_mse(model(x_t, t), noise, group, clusters.k))
         history.append(float(F.mse_loss(pred.detach(), noise)))
-    head = sum(history[:20]) / 20
-    tail = sum(history[-20:]) / 20
-    return head, tail
+    head, tail = history[:20], history[-20:]
+    return sum(head) / len(head), sum(tail) / len(tail)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="uw", choices=mtl.available())
     parser.add_argument("--engine", default="autograd", choices=["autograd", "one-backward"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--batch", type=positive_int, default=100)
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (1 is fastest for this tiny model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ant_core import checkpoint as ckpt
 from ant_core import interval_clustering
 from ant_core.affinity import estimate_affinity, expand_grid, timestep_grid
 from ant_core.cli import main
@@ -320,6 +321,25 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(tmp_path):
         estimate_affinity(model, batches, M=4, timesteps_per_pass=2, **kw)
     auto = estimate_affinity(model, batches, M=4, diffusion=GaussianDiffusion("linear", 50))
     assert auto.metadata["timesteps_per_pass"] == 1  # on a CPU (see the module docstring)
+    diffusion = GaussianDiffusion("linear", 50)
+    with pytest.raises(ValueError, match="T=40 does not match the diffusion's T=50"):
+        estimate_affinity(model, batches, M=4, diffusion=diffusion, T=40)
+    with pytest.raises(ValueError, match="interpolation"):
+        estimate_affinity(model, batches, M=4, interpolation="cubic", **kw)
+    with pytest.raises(ValueError, match="seed"):
+        estimate_affinity(model, batches, M=4, seed=-1, **kw)
+    with pytest.raises(ValueError, match="grid must be a square"):
+        expand_grid(np.zeros((3, 4)), 10)
+
+
+def test_checkpoints_of_different_runs_are_refused(trained_run, tmp_path):
+    """Averaging gradients of another diffusion (T, schedule) or model is not one affinity."""
+    other = tmp_path / "other"
+    cfg = TrainConfig.from_dict({**ckpt.load_checkpoint(ckpt.latest_checkpoint(
+        trained_run / "checkpoints"))["config"], "T": 50, "steps": 2, "out": str(other)})
+    train(cfg)
+    with pytest.raises(ValueError, match=r"other.*differs from .* in \['T'\]"):
+        estimate_affinity([str(trained_run), str(other)], ProceduralShapes(8, 8, seed=1), M=4)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -371,6 +391,18 @@ def test_cli_end_to_end(tmp_path, capsys):
         main(["affinity", str(tmp_path / "nope"), "--no-progress"])
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not list((tmp_path / "aff").glob(".*.tmp"))  # the saves left no temporaries
+    # plot arguments are checked before the estimate, which then writes nothing
+    late = tmp_path / "late.npy"
+    with pytest.raises(SystemExit) as exc:
+        main(["affinity", str(run), "--M", "4", "--out", str(late), "--plot", "x.png",
+              "--k", "0", "--no-progress"])
+    assert exc.value.code == 2 and "--k must be >= 1" in capsys.readouterr().err
+    assert not late.exists()
+    # the default grid fits a run with T < 100
+    assert main(["affinity", str(run), "--last", "1", "--d", "64", "--batches", "1",
+                 "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "d.npy")]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["M"] == 20
 
 
 def test_checkpoints_use_ema_weights_and_load_lazily(trained_run):
@@ -444,3 +476,11 @@ def test_linear_interpolation_and_saving(tmp_path):
         assert png.stat().st_size > 0
         with pytest.raises(ValueError, match="log_snr"):
             plot_affinity(r.matrix, tmp_path / "b.png", log_snr=np.zeros(5))
+        with pytest.raises(ValueError, match="square"):
+            plot_affinity(r.matrix[:, :5], tmp_path / "c.png")
+        with pytest.raises(ValueError, match="clusters cover T=30"):
+            plot_affinity(r.matrix[:10, :10], tmp_path / "d.png", clusters=clusters)
+        from ant_core.visualize import plot_clusters
+        with pytest.raises(ValueError, match="log_snr"):
+            plot_clusters(clusters, np.zeros(5), tmp_path / "e.png")
+        assert plot_clusters(clusters, None, tmp_path / "new" / "f.png").stat().st_size > 0

@@ -424,6 +424,15 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path):
 # ----------------------------------------------------------------------------- pictures
 
 
+def test_image_grid_arguments():
+    images = torch.zeros(3, 1, 2, 2)
+    assert image_grid(images, nrow=3, padding=0).shape == (2, 6, 1)
+    for kwargs, name in (({"nrow": 0}, "nrow"), ({"nrow": -1}, "nrow"), ({"nrow": 2.5}, "nrow"),
+                         ({"padding": -1}, "padding")):
+        with pytest.raises(ValueError, match=name):
+            image_grid(images, **kwargs)
+
+
 def test_builtin_png_writer_roundtrips(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     images = torch.linspace(-1, 1, 2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
