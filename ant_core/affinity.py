@@ -229,6 +229,8 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         timesteps_per_pass: grid timesteps per forward/backward (an int >= 1 or ``"auto"``;
             see the module docstring); the result does not depend on it beyond rounding.
     """
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this torch has no CUDA device")
     files, cfg = None, None
     if isinstance(models, (str, Path)) or (isinstance(models, (list, tuple)) and models
                                            and all(isinstance(m, (str, Path)) for m in models)):
@@ -282,8 +284,6 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     seed = _check_int("seed", seed, 0)
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: this torch has no CUDA device")
     base = None
     if loss_fn is None:
         if diffusion is None:
