@@ -48,6 +48,7 @@ from torch import nn
 
 from .checkpoint import list_checkpoints, load_checkpoint, load_model
 from .sketch import CountSketch
+from .train_config import require_available
 
 __all__ = ["estimate_affinity", "AffinityResult", "timestep_grid",
            "diffusion_loss", "expand_grid"]
@@ -229,8 +230,7 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         timesteps_per_pass: grid timesteps per forward/backward (an int >= 1 or ``"auto"``;
             see the module docstring); the result does not depend on it beyond rounding.
     """
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: this torch has no CUDA device")
+    require_available(device)
     files, cfg = None, None
     if isinstance(models, (str, Path)) or (isinstance(models, (list, tuple)) and models
                                            and all(isinstance(m, (str, Path)) for m in models)):

@@ -290,6 +290,7 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .checkpoint import latest_checkpoint, load_model
+    from .train_config import resolve_device
     from .visualize import save_image_grid
 
     if args.threads:
@@ -302,7 +303,7 @@ def _cmd_sample(args) -> int:
         if found is None:
             raise ValueError(f"no checkpoint found in {path} or {path / 'checkpoints'}")
         path = found
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, diffusion, state = load_model(path, ema=not args.no_ema, device=device)
     model.requires_grad_(False)
     mc = state["model_config"]
@@ -472,19 +473,6 @@ def _affinity_parser(sub):
     p.set_defaults(func=_cmd_affinity)
 
 
-def _device(name: str) -> str:
-    """``--device``: "auto" is cuda when available, else cpu; cpu, cuda or cuda:N as given."""
-    import torch
-
-    from .train_config import check_device
-
-    if check_device(name) == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch has no CUDA device")
-    return name
-
-
 def _positive_int(text: str) -> int:
     """argparse type of --threads: an int >= 1."""
     value = int(text)
@@ -509,7 +497,7 @@ def _cmd_affinity(args) -> int:
 
     from .affinity import _checkpoint_files, estimate_affinity
     from .checkpoint import load_checkpoint
-    from .train_config import TrainConfig
+    from .train_config import TrainConfig, resolve_device
     from .trainer import build_dataset
     from .visualize import check_plot_path, plot_affinity
 
@@ -525,7 +513,7 @@ def _cmd_affinity(args) -> int:
             raise ValueError(f"--last must be >= 1, got {args.last}")
         files = files[-args.last:]
     config = TrainConfig.from_dict(load_checkpoint(files[-1])["config"])
-    device = _device(args.device)
+    device = resolve_device(args.device)
     result = estimate_affinity(
         files, build_dataset(config), M=args.M, d=args.d, exact=args.exact,
         batches=args.batches, batch_size=args.batch_size, timesteps=args.timesteps,

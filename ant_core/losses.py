@@ -139,8 +139,8 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
     from differentiable torch ops instead of the fused kernel), ``torch.compile(fullgraph=True)``
     (fake kernels are registered), AMP and CUDA graphs; CUDA kernels run on the current stream,
     one launch per direction, and give bitwise-identical results from run to run (as does the
-    CPU path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing with
-    plain torch ops.
+    CPU path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing
+    with plain torch ops.
     """
     for name, value in (("pred", pred), ("target", target), ("groups", groups),
                         ("weight", torch.empty(0) if weight is None else weight)):

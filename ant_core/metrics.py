@@ -44,10 +44,17 @@ def _precision(value) -> float:
     return float(np.finfo(np.float64).eps)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a (numerically) PSD matrix via eigendecomposition."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+def _covariance_eigh(name: str, s: np.ndarray, eps: float, vectors: bool):
+    """Eigenvalues (and eigenvectors) of a covariance; ValueError unless it is symmetric and
+    PSD up to 10 d eps of its largest entry (``eps`` the input's own precision)."""
+    tolerance = 10 * s.shape[0] * eps * np.abs(s).max(initial=0.0)
+    if not np.allclose(s, s.T, rtol=0.0, atol=tolerance):
+        raise ValueError(f"{name} must be a symmetric covariance matrix")
+    sym = (s + s.T) / 2
+    result = np.linalg.eigh(sym) if vectors else (np.linalg.eigvalsh(sym), None)
+    if s.size and result[0][0] < -tolerance:
+        raise ValueError(f"{name} must be positive semi-definite (a covariance matrix)")
+    return result
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -70,12 +77,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {s.shape}")
-        tolerance = 10 * d * eps * np.abs(s).max(initial=0.0)
-        if not np.allclose(s, s.T, rtol=0.0, atol=tolerance):
-            raise ValueError(f"{name} must be a symmetric covariance matrix")
-        if d and np.linalg.eigvalsh((s + s.T) / 2)[0] < -tolerance:
-            raise ValueError(f"{name} must be positive semi-definite (a covariance matrix)")
-    root1 = _psd_sqrt(sigma1)
+    values1, vectors1 = _covariance_eigh("sigma1", sigma1, eps, vectors=True)
+    _covariance_eigh("sigma2", sigma2, eps, vectors=False)
+    root1 = (vectors1 * np.sqrt(np.clip(values1, 0, None))) @ vectors1.T
     inner = root1 @ sigma2 @ root1
     values = np.linalg.eigvalsh((inner + inner.T) / 2)
     # Eigenvalues at rounding level are zeros of a singular product (fewer samples than

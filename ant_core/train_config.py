@@ -220,3 +220,21 @@ def check_device(device: str) -> str:
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     return device
+
+
+def require_available(device) -> None:
+    """ValueError when ``device`` (a name or torch.device) is a CUDA device this torch lacks."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: this torch has no CUDA device")
+
+
+def resolve_device(device: str) -> str:
+    """A checked device name: 'auto' is 'cuda' when available, else 'cpu'."""
+    import torch
+
+    if check_device(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    require_available(device)
+    return device

@@ -33,7 +33,8 @@ from . import mtl
 from .clustering import IntervalClusters, interval_clustering
 from .diffusion import GaussianDiffusion
 from .sampling import StratifiedSampler, UniformSampler
-from .train_config import GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError
+from .train_config import (GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError,
+                           resolve_device)
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "EMA", "train", "RESUME_MUTABLE",
            "build_model", "GRADIENT_METHODS"]
@@ -106,12 +107,7 @@ def _distributed_setup(device_pref: str):
     """(rank, world_size, local_rank, device, created_group) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_pref == "auto":
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = device_pref.startswith("cuda")
-        if use_cuda and not torch.cuda.is_available():
-            raise ValueError(f"device={device_pref!r} but CUDA is not available")
+    use_cuda = resolve_device(device_pref).startswith("cuda")
     created = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")

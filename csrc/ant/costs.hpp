@@ -28,22 +28,32 @@ inline void check_sums_finite(const std::vector<double>& sums, double headroom, 
                                   "rescale");
 }
 
-/// run_end[j] = the end of the run of equal values that starts at or covers j, so that [j, i) is
-/// constant iff i <= run_end[j]. Its cost is then exactly 0: prefix-sum differences would leave
-/// a rounding residue of either sign, and equally good partitions would no longer tie.
-inline std::vector<int64_t> constant_run_ends(const double* x, int64_t n) {
-  std::vector<int64_t> run_end(n + 1, n);
-  for (int64_t t = n - 2; t >= 0; --t) run_end[t] = x[t + 1] == x[t] ? run_end[t + 1] : t + 1;
-  return run_end;
+/// A 1-D series for the series costs: finite and non-empty.
+inline void check_series(const double* x, int64_t n) {
+  check_finite(x, n, "values");
+  if (n < 1) throw std::invalid_argument("values must not be empty");
 }
 
-/// Whether any run is longer than one value (else only one-value intervals are constant, and
-/// looking their run up costs 10-30% of the DP's time for nothing).
-inline bool has_runs(const std::vector<int64_t>& run_end) {
-  for (size_t t = 0; t + 1 < run_end.size(); ++t)
-    if (run_end[t] > static_cast<int64_t>(t) + 1) return true;
-  return false;
-}
+/// Which intervals [j, i) of a series hold one repeated value. Their cost is exactly 0:
+/// prefix-sum differences would leave a rounding residue of either sign, and equally good
+/// partitions would no longer tie.
+class ConstantRuns {
+ public:
+  ConstantRuns(const double* x, int64_t n) : run_end_(n + 1, n) {  // reads x only for n >= 2
+    // run_end_[j]: the end of the run of equal values that covers j
+    for (int64_t t = n - 2; t >= 0; --t) {
+      run_end_[t] = x[t + 1] == x[t] ? run_end_[t + 1] : t + 1;
+      has_runs_ = has_runs_ || run_end_[t] > t + 1;
+    }
+  }
+  /// Runs longer than one value, looked up only if the series has any (the lookup costs 10-30%
+  /// of the DP's time). One-value intervals are the cost's own business.
+  bool constant(int64_t j, int64_t i) const { return has_runs_ && i <= run_end_[j]; }
+
+ private:
+  std::vector<int64_t> run_end_;
+  bool has_runs_ = false;
+};
 
 /// +1 if non-decreasing, -1 if non-increasing (constant counts as non-decreasing), 0 otherwise.
 inline int monotone_direction(const double* x, int64_t n) {
@@ -68,9 +78,8 @@ inline int monotone_direction(const double* x, int64_t n) {
 class AbsDeviationCost {
  public:
   AbsDeviationCost(const double* x, int64_t n)
-      : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0), run_end_(constant_run_ends(x, n)) {
-    check_finite(x, n, "values");
-    if (n < 1) throw std::invalid_argument("values must not be empty");
+      : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0), runs_(x, n) {
+    check_series(x, n);
     const int dir = monotone_direction(x, n);
     if (dir == 0)
       throw std::invalid_argument(
@@ -87,13 +96,12 @@ class AbsDeviationCost {
   }
   double operator()(int64_t j, int64_t i) const {
     const double cost = prefix_[i] + prefix_[j] - g_[i + j];
-    return (has_runs_ && i <= run_end_[j]) ? 0.0 : std::max(cost, 0.0);
+    return runs_.constant(j, i) ? 0.0 : std::max(cost, 0.0);  // one value: already exactly 0
   }
 
  private:
   std::vector<double> prefix_, g_;
-  std::vector<int64_t> run_end_;
-  bool has_runs_ = has_runs(run_end_);
+  ConstantRuns runs_;
 };
 
 /// Within-interval sum of squared errors around the interval mean (1-D k-means cost). Monge
@@ -101,9 +109,8 @@ class AbsDeviationCost {
 class SquaredErrorCost {
  public:
   SquaredErrorCost(const double* x, int64_t n)
-      : s1_(n + 1, 0.0), s2_(n + 1, 0.0), run_end_(constant_run_ends(x, n)) {
-    check_finite(x, n, "values");
-    if (n < 1) throw std::invalid_argument("values must not be empty");
+      : s1_(n + 1, 0.0), s2_(n + 1, 0.0), runs_(x, n) {
+    check_series(x, n);
     // Shifting by a data point keeps the prefix sums well conditioned, and integer data
     // integer (so equal costs stay exactly equal and tie-breaking is not decided by rounding).
     const double shift = x[n / 2];
@@ -117,14 +124,13 @@ class SquaredErrorCost {
   double operator()(int64_t j, int64_t i) const {
     const double s = s1_[i] - s1_[j];
     const double sse = (s2_[i] - s2_[j]) - s * s / static_cast<double>(i - j);
-    // One value: exactly 0 (s2 - s * s / 1 would round either way); longer constant runs too.
-    return (i == j + 1 || (has_runs_ && i <= run_end_[j])) ? 0.0 : std::max(sse, 0.0);
+    // One value: exactly 0 (s2 - s * s / 1 would round either way).
+    return (i == j + 1 || runs_.constant(j, i)) ? 0.0 : std::max(sse, 0.0);
   }
 
  private:
   std::vector<double> s1_, s2_;
-  std::vector<int64_t> run_end_;
-  bool has_runs_ = has_runs(run_end_);
+  ConstantRuns runs_;
 };
 
 /// A dense row-major T x T matrix C where C[l * T + r] is the cost of the inclusive interval
