@@ -122,6 +122,9 @@ _TRAIN_FIELDS = (
     ("image_size", int, "built-in data / image folders: side in pixels (default 16)"),
     ("data_seed", int, "seed of the built-in data (default 0)"),
     ("class_conditional", bool, "condition the model on the data's labels"),
+    ("label_dropout", float, "share of labels replaced by the null label, which classifier-free "
+                             "guidance needs (ant sample --guidance-scale); default 0, DiT uses "
+                             "0.1"),
     ("model", str, "model preset (unet-tiny, dit-tiny, unet-small, dit-s, ...; default "
                    "dit-tiny) or 'unet' / 'dit'"),
     ("model_config", "json", "JSON object of model overrides, e.g. '{\"depth\": 2}'"),
@@ -275,11 +278,14 @@ def _sample_parser(sub):
     p.add_argument("--steps", type=int, default=None,
                    help="DDIM steps (default min(50, T); DDPM uses T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, metavar="S",
+                   help="classifier-free guidance scale of class-conditional models trained with "
+                   "--label-dropout > 0 (default 1: no guidance; 0: unconditional)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", metavar="PREFIX", help="output path without extension (default: "
-                   "<run>/samples_<sampler>_seed<seed>)")
+                   "<run>/samples_<sampler>[_cfg<S>]_seed<seed>, 2.5 written 2p5)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_sample)
 
@@ -297,6 +303,9 @@ def _cmd_sample(args) -> int:
         torch.set_num_threads(args.threads)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if not 0 <= args.guidance_scale < float("inf"):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0, got "
+                         f"{args.guidance_scale}")
     path = Path(args.checkpoint)
     if path.is_dir():
         found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
@@ -307,25 +316,38 @@ def _cmd_sample(args) -> int:
     model, diffusion, state = load_model(path, ema=not args.no_ema, device=device)
     model.requires_grad_(False)
     mc = state["model_config"]
+    scale = args.guidance_scale
+    if scale != 1:
+        if not mc.get("num_classes"):
+            raise ValueError("--guidance-scale needs a class-conditional model; this one is "
+                             "unconditional")
+        if not state["config"].get("label_dropout", 0.0) > 0:
+            raise ValueError("--guidance-scale: this model was trained with label_dropout=0, so "
+                             "its null label never saw training; train with --label-dropout "
+                             "(e.g. 0.1) to use classifier-free guidance")
     shape = (args.num, mc["in_channels"], mc["image_size"], mc["image_size"])
     y = None
     if mc.get("num_classes"):
         y = torch.arange(args.num, device=device) % mc["num_classes"]
     if args.sampler == "ddpm":
-        images = diffusion.sample_ddpm(model, shape, seed=args.seed, y=y, device=device)
+        images = diffusion.sample_ddpm(model, shape, seed=args.seed, y=y, guidance_scale=scale,
+                                       device=device)
     else:
         images = diffusion.sample_ddim(model, shape, steps=args.steps, eta=args.eta,
-                                       seed=args.seed, y=y, device=device)
+                                       seed=args.seed, y=y, guidance_scale=scale, device=device)
     images = images.clamp(-1, 1).cpu()
     run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
-    prefix = Path(args.out) if args.out else run_dir / f"samples_{args.sampler}_seed{args.seed}"
+    guided = '' if scale == 1 else f"_cfg{scale:g}".replace(".", "p")  # 2.5 -> _cfg2p5
+    name = f"samples_{args.sampler}{guided}_seed{args.seed}"
+    prefix = Path(args.out) if args.out else run_dir / name
     prefix.parent.mkdir(parents=True, exist_ok=True)
     png = save_image_grid(images, prefix.with_suffix(".png"))
     npz = prefix.with_suffix(".npz")
     extra = {} if y is None else {"labels": y.cpu().numpy()}
     np.savez(npz, images=images.numpy(), **extra)
     print(f"ant sample: {args.num} images ({args.sampler}"
-          f"{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}, "
+          f"{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}"
+          f"{'' if scale == 1 else f', guidance scale {scale:g}'}, "
           f"{'raw' if args.no_ema else 'EMA'} weights, step {state['step']}) -> {png}, {npz}")
     return 0
 

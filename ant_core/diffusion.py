@@ -107,28 +107,61 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ samplers
 
-    def _model_step(self, model, x, t_scalar, y):
+    def _model_step(self, model, x, t_scalar, y, guidance_scale):
         t = torch.full((x.shape[0],), t_scalar, device=x.device, dtype=torch.long)
-        out = model(x, t) if y is None else model(x, t, y)
+        if guidance_scale == 1.0:
+            out = model(x, t) if y is None else model(x, t, y)
+        else:  # one call on [conditional; null label] halves
+            null = torch.full_like(y, model.num_classes)
+            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
+                                 torch.cat([y, null])).chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
         return self.split_prediction(out, x, t)
 
+    @staticmethod
+    def _check_guidance(model, y, guidance_scale) -> float:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not 0 <= guidance_scale < float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if guidance_scale != 1:
+            if y is None:
+                raise ValueError("guidance_scale != 1 needs class labels y (classifier-free "
+                                 "guidance contrasts them with the null label)")
+            num_classes = getattr(model, "num_classes", None)
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+                    or num_classes < 1:
+                raise ValueError("guidance_scale != 1 needs a class-conditional model with an int "
+                                 "attribute num_classes (its null label), got "
+                                 f"num_classes={num_classes!r}")
+        return float(guidance_scale)
+
     @torch.no_grad()
-    def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, device=None,
-                    clip_x0: float | None = 1.0, progress: bool = False) -> torch.Tensor:
+    def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, guidance_scale: float = 1.0,
+                    device=None, clip_x0: float | None = 1.0,
+                    progress: bool = False) -> torch.Tensor:
         """Ancestral sampling with the posterior variance (Ho et al. 2020), T model calls.
 
-        Deterministic under ``seed``. ``clip_x0`` clamps the predicted x_0 (None: no clamp).
+        Deterministic under ``seed``. ``clip_x0`` clamps the predicted x_0 (None: no clamp);
+        ``y`` and ``guidance_scale`` as in :meth:`sample_ddim`.
         """
         return self.sample_ddim(model, shape, steps=self.T, eta=1.0, seed=seed, y=y,
-                                device=device, clip_x0=clip_x0, progress=progress)
+                                guidance_scale=guidance_scale, device=device, clip_x0=clip_x0,
+                                progress=progress)
 
     @torch.no_grad()
     def sample_ddim(self, model, shape, *, steps: int | None = None, eta: float = 0.0, seed: int = 0,
-                    y=None, device=None, clip_x0: float | None = 1.0,
-                    progress: bool = False) -> torch.Tensor:
+                    y=None, guidance_scale: float = 1.0, device=None,
+                    clip_x0: float | None = 1.0, progress: bool = False) -> torch.Tensor:
         """DDIM (Song et al. 2021) on ``steps`` evenly spaced timesteps (default min(50, T));
         eta=0 is deterministic, eta=1 with steps=T is DDPM's ancestral sampler. Deterministic
-        under ``seed``; ``y`` (class labels) is passed to the model as ``model(x, t, y)``."""
+        under ``seed``; ``y`` (class labels) is passed to the model as ``model(x, t, y)``.
+
+        ``guidance_scale`` s != 1 is classifier-free guidance (Ho & Salimans 2022): the output
+        is ``uncond + s (cond - uncond)``, with ``uncond`` the prediction for the null label
+        ``model.num_classes`` (one model call on the doubled batch per step). s = 0 samples
+        unconditionally, s = 1 (default) conditionally without guidance. The null label must
+        have been trained (``TrainConfig.label_dropout`` > 0)."""
+        guidance_scale = self._check_guidance(model, y, guidance_scale)
         steps = min(50, self.T) if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
             raise ValueError(f"steps must be an int in [1, {self.T}], got {steps!r}")
@@ -151,7 +184,7 @@ class GaussianDiffusion:
             iterator = tqdm(iterator, desc="sampling", leave=False)
         for n in iterator:
             t = int(ts[n])
-            x0, eps = self._model_step(model, x.float(), t, y)
+            x0, eps = self._model_step(model, x.float(), t, y, guidance_scale)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 eps = (x - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()

@@ -40,6 +40,7 @@ class TrainConfig:
     image_size: int = 16               # built-in data / image folders: side in pixels
     data_seed: int = 0
     class_conditional: bool = False
+    label_dropout: float = 0.0         # share of labels replaced by the null label (for CFG)
     # model
     model: str = "dit-tiny"            # a preset (unet-tiny, dit-tiny, ...) or "unet" / "dit"
     model_config: dict = field(default_factory=dict)
@@ -165,6 +166,11 @@ class TrainConfig:
         for name in ("min_snr_gamma", "p2_k"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.label_dropout > 0 and not self.class_conditional:
+            raise ValueError("label_dropout applies to class-conditional training only "
+                             "(set class_conditional=True)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.objective.startswith("affinity") != (self.affinity is not None):

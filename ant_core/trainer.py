@@ -342,6 +342,10 @@ class Trainer:
         y = labels if cfg.class_conditional else None
         t, group = self.sampler.sample(x0.shape[0], device=self.device)
         noise = torch.randn(x0.shape, generator=self.noise_generator, device=self.device)
+        if cfg.label_dropout > 0:  # the null label (index num_classes) for classifier-free guidance
+            drop = torch.rand(labels.shape, generator=self.noise_generator,
+                              device=self.device) < cfg.label_dropout
+            y = labels.masked_fill(drop, self.model_config["num_classes"])
         x_t = self.diffusion.q_sample(x0, t, noise)
         target = self.diffusion.target(x0, noise, t)
         weight = self.per_sample_weight(t)

@@ -95,6 +95,31 @@ def test_sample_shapes_determinism_and_reference(trained_run, tmp_path, sampler,
     np.testing.assert_array_equal(outs[0], want.clamp(-1, 1).numpy())
 
 
+def test_sample_with_classifier_free_guidance(trained_run, tmp_path, capsys):
+    out = tmp_path / "cond"
+    assert main(["train", *TINY, "--steps", "3", "--class-conditional", "--label-dropout", "0.2",
+                 "--out", str(out)]) == 0
+    assert main(["sample", str(out), "--num", "4", "--steps", "3", "--guidance-scale", "2.5"]) == 0
+    got = np.load(out / "samples_ddim_cfg2p5_seed0.npz")
+    model, mc = _reference_model(out)
+    y = torch.arange(4) % mc["num_classes"]
+    np.testing.assert_array_equal(got["labels"], y.numpy())
+    want = GaussianDiffusion("linear", 20, "eps").sample_ddim(
+        model, (4, 3, 8, 8), steps=3, seed=0, y=y, guidance_scale=2.5)
+    np.testing.assert_array_equal(got["images"], want.clamp(-1, 1).numpy())
+    # refused: an unconditional model, a null label that was never trained, a bad scale
+    plain = tmp_path / "plain"
+    assert main(["train", *TINY, "--steps", "1", "--class-conditional", "--out", str(plain)]) == 0
+    for run, scale, message in ((trained_run, "2", "needs a class-conditional model"),
+                                (plain, "2", "label_dropout=0"),
+                                (out, "-1", "--guidance-scale must be a finite number")):
+        with pytest.raises(SystemExit) as exc:
+            main(["sample", str(run), "--guidance-scale", scale, "--out", str(tmp_path / "x")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.*"))
+
+
 def test_resume_with_a_config_file_takes_only_the_fields_it_sets(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--lr", "0.003", "--out", str(out)]) == 0

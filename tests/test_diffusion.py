@@ -127,3 +127,56 @@ def test_one_step_ddim_starts_from_the_noisiest_timestep():
         seen.clear()
         d.sample_ddim(model, (1, 1, 2, 2), steps=steps)
         assert seen == expected
+
+
+class _Conditional(torch.nn.Module):
+    """A class-conditional toy denoiser whose output depends on x, t and the label (num_classes
+    is the null label)."""
+
+    num_classes = 3
+
+    def forward(self, x, t, y):
+        shift = (y.double() - 1.5).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return 0.3 * x + 0.01 * t.reshape(shift.shape).to(x.dtype) + shift
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0, 3.5])
+def test_guidance_matches_a_model_that_applies_the_formula(prediction, scale):
+    """Classifier-free guidance == unguided sampling of uncond + s (cond - uncond), the combination
+    written out in a wrapper model; s = 0 is sampling with the null label."""
+    d = GaussianDiffusion("cosine", 30, prediction)
+    model = _Conditional()
+    y = torch.tensor([0, 1, 2, 0])
+
+    def guided(x, t, labels):
+        null = torch.full_like(labels, model.num_classes)
+        return model(x, t, null) + scale * (model(x, t, labels) - model(x, t, null))
+
+    got = d.sample_ddim(model, (4, 2, 3, 3), steps=7, eta=0.6, seed=5, y=y, guidance_scale=scale)
+    want = d.sample_ddim(guided, (4, 2, 3, 3), steps=7, eta=0.6, seed=5, y=y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if scale == 0:
+        null = torch.full_like(y, 3)
+        torch.testing.assert_close(got, d.sample_ddim(model, (4, 2, 3, 3), steps=7, eta=0.6,
+                                                      seed=5, y=null), rtol=1e-5, atol=1e-5)
+    if scale == 1:  # no guidance: the null label is never asked for
+        calls = []
+        d.sample_ddim(lambda x, t, labels: calls.append(labels) or model(x, t, labels),
+                      (4, 2, 3, 3), steps=3, y=y, guidance_scale=1.0)
+        assert all(torch.equal(c, y) for c in calls)
+    ddpm = d.sample_ddpm(model, (4, 2, 3, 3), seed=1, y=y, guidance_scale=scale)
+    torch.testing.assert_close(ddpm, d.sample_ddpm(guided, (4, 2, 3, 3), seed=1, y=y),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_bad_input():
+    d = GaussianDiffusion("linear", 10)
+    model, y = _Conditional(), torch.tensor([0, 1])
+    for bad in (-0.5, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            d.sample_ddim(model, (2, 1, 2, 2), steps=2, y=y, guidance_scale=bad)
+    with pytest.raises(ValueError, match="needs class labels y"):
+        d.sample_ddim(model, (2, 1, 2, 2), steps=2, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        d.sample_ddim(lambda x, t, labels: x, (2, 1, 2, 2), steps=2, y=y, guidance_scale=2.0)

@@ -110,6 +110,40 @@ def test_method_wiring_uw_group_famo_update_and_ema(tmp_path):
     assert int(lagged.method.adam_step) == 2 and torch.any(lagged.method.logits != 0)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_label_dropout_feeds_the_null_label_and_trains_its_row(tmp_path, p):
+    trainer = Trainer(tiny(tmp_path, class_conditional=True, label_dropout=p, batch_size=16))
+    null = trainer.model_config["num_classes"]
+    loaded, fed = [], []
+    loader, forward = trainer.loader, trainer.forward
+
+    def recording_loader():
+        while True:
+            batch = next(loader)
+            loaded.append(batch[1].clone())
+            yield batch
+
+    trainer.loader = recording_loader()
+    trainer.forward = lambda x, t, y: fed.append(y.clone()) or forward(x, t, y)
+    table = trainer.model.label_embed.embedding.weight
+    null_row_grads = []
+    for _ in range(25):
+        trainer.train_step()
+        null_row_grads.append(table.grad[null].abs().sum().item())
+    labels, y = torch.cat(loaded), torch.cat(fed)
+    dropped = y == null
+    assert torch.equal(y[~dropped], labels[~dropped]) and (labels < null).all()
+    # binomial(400, p): the share lies within 4.5 standard deviations
+    share, sd = dropped.double().mean().item(), (p * (1 - p) / len(y)) ** 0.5
+    assert abs(share - p) <= 4.5 * sd + 1e-12, share
+    # the null row gets a gradient exactly when the batch has a dropped label (from step 3 on:
+    # DiT's zero-initialised modulation passes no gradient to the embeddings at first)
+    per_step = dropped.reshape(25, 16).any(dim=1).tolist()
+    assert [g > 0 for g in null_row_grads][2:] == per_step[2:]
+    assert any(per_step) == (p > 0)
+    trainer.close()
+
+
 def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
     """compile=True runs the model through torch.compile (here with the aot_eager backend, so no
     C++ toolchain or long inductor compile is involved) and follows the eager run's losses."""
@@ -196,7 +230,9 @@ def _flat_state(obj):
     dict(method="rlw", amp="bf16", grad_clip=0.5),
     dict(method="nashmtl", method_config={"update_weights_every": 2}, engine="one-backward"),
     dict(method="uw", amp="fp16", weighting="min_snr", warmup_steps=3),
-], ids=["uw", "pcgrad-uniform", "famo-p2", "rlw-bf16-clip", "nash-onebackward", "uw-fp16"])
+    dict(method="uw", class_conditional=True, label_dropout=0.5),
+], ids=["uw", "pcgrad-uniform", "famo-p2", "rlw-bf16-clip", "nash-onebackward", "uw-fp16",
+        "uw-label-dropout"])
 def test_resume_is_exact(tmp_path, overrides):
     whole = train(tiny(tmp_path, "whole", steps=6, **overrides))
     train(tiny(tmp_path, "split", steps=3, **overrides))
@@ -302,6 +338,9 @@ def test_corrupt_checkpoint_is_a_clear_error_and_untouched(tmp_path):
     ({"ema_decay": 1.0}, "ema_decay"), ({"objective": "affinity"}, "affinity"),
     ({"engine": "one-backward", "method": "uw"}, "engine"), ({"lr": float("nan")}, "lr"),
     ({"batch_size": True}, "batch_size"), ({"learning_rate": 1.0}, "learning_rate"),
+    ({"label_dropout": 1.0, "class_conditional": True}, "label_dropout"),
+    ({"label_dropout": -0.1, "class_conditional": True}, "label_dropout"),
+    ({"label_dropout": 0.1}, "label_dropout"),
 ])
 def test_bad_config_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
