@@ -11,7 +11,8 @@ linear schedule, T = 1000, one batch, M timesteps at the bins' middles):
   exact      ant_core.estimate_affinity(..., exact=True): M full gradients, one Gram matrix
   reference  the published script's approach: keep all M full gradients (a list of flattened
              parameter gradients, O(M P) memory), then a Python loop of pairwise cosines
-Each method runs in its own subprocess; the table shows its wall time and its peak resident
+Each method runs in its own subprocess after one untimed warm-up forward/backward (the same
+for every method); the table shows its wall time and its peak resident
 memory above the process's memory after building the model (``ru_maxrss``; on a GPU
 ``torch.cuda.max_memory_allocated``), the ratios
 reference / sketch, and the largest |cosine difference| of sketch and exact against reference.
@@ -81,6 +82,12 @@ def worker(method: str, preset: str, M: int, d: int, threads: int, out: str,
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = peak_mb()
+    # warm-up, not timed: one forward/backward loads the kernels and fills the allocator's caches
+    loss_fn(model, x0, torch.full((batch,), 500, device=device)).backward()
+    model.zero_grad(set_to_none=True)
+    if cuda:  # the peak of the warm-up is not the method's
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if method != "reference":
         per_pass = 1
