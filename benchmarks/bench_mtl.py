@@ -3,7 +3,8 @@
 The project's two small models (``unet-tiny`` and ``dit-tiny`` at 16 px), K = 5 timestep
 clusters, a stratified batch. A step is forward + grouped loss +
 ``method.backward`` + SGD step; the ratio is the median step time over the median EW step time
-measured in the same run. Also times the Nash-MTL Newton solve for K = 5 and 32.
+measured in the same run. Also times the Gramian solves (Nash-MTL, MGDA, CAGrad) for K = 5
+and 32, with gradient norms alike and 10^±2 apart.
 
     python benchmarks/bench_mtl.py --quick      # < 3 minutes on 2 cores
     python benchmarks/bench_mtl.py --steps 30
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ant_core import mtl
 from ant_core.models import create_model
-from ant_core.mtl.gradient_solvers import nash_mtl_weights
+from ant_core.mtl.gradient_solvers import cagrad_coefficients, mgda_weights, nash_mtl_weights
 
 K = 5
 CUDA = False
@@ -122,15 +123,19 @@ def run(steps, batch, quick, device):
                 engine.remove()
             print(f"{method_name:<22}{engine_name:<17}{ratio:>8.2f}")
     rng = np.random.default_rng(0)
+    solvers = {"Nash-MTL Newton": nash_mtl_weights, "MGDA min-norm": mgda_weights,
+               "CAGrad inner": cagrad_coefficients}
     for k in (5, 32):
-        grads = rng.normal(size=(k, 4 * k))
-        gram = grads @ grads.T
-        start = time.perf_counter()
-        repeats = 50
-        for _ in range(repeats):
-            nash_mtl_weights(gram)
-        elapsed = (time.perf_counter() - start) / repeats
-        print(f"Nash-MTL Newton solve, K={k}: {elapsed * 1e3:.2f} ms")
+        for spread in (0, 2):  # gradient norms alike / 10^±2 apart
+            grads = rng.normal(size=(k, 4 * k)) * 10.0 ** rng.uniform(-spread, spread, (k, 1))
+            gram = grads @ grads.T
+            for name, solve in solvers.items():
+                start = time.perf_counter()
+                repeats = 50
+                for _ in range(repeats):
+                    solve(gram)
+                elapsed = (time.perf_counter() - start) / repeats
+                print(f"{name} solve, K={k}, norms 10^±{spread}: {elapsed * 1e3:.2f} ms")
 
 
 def main():

@@ -4,10 +4,11 @@ Each gradient method's update is ``Σ_k c_k g_k`` where ``c`` depends on the per
 only through their Gramian ``G_kl = <g_k, g_l>``. The functions here take ``G`` as a float64
 numpy array and return ``c`` as a float64 numpy array; they are cheap (K×K work) and exact up to
 solver tolerance (MGDA's min-norm point exactly, by Wolfe's finite algorithm; CAGrad's inner
-problem by projected gradient descent). Tasks whose gradient is exactly zero (``G_kk == 0``, e.g.
-a cluster with no sample in the batch) get coefficient 0 in Nash-MTL, IMTL-G and MGDA, and no
-share of CAGrad's worst-case direction ``g_w``: otherwise MGDA's min-norm point would be that
-zero gradient (a lost step) and CAGrad would collapse to ``g0 / (1 + c²)``.
+problem exactly too, by Wolfe projections and a closed form per face of the hull). Tasks whose
+gradient is exactly zero (``G_kk == 0``, e.g. a cluster with no sample in the batch) get
+coefficient 0 in Nash-MTL, IMTL-G and MGDA, and no share of CAGrad's worst-case direction
+``g_w``: otherwise MGDA's min-norm point would be that zero gradient (a lost step) and CAGrad
+would collapse to ``g0 / (1 + c²)``.
 """
 from __future__ import annotations
 
@@ -102,33 +103,65 @@ def project_to_simplex(v):
     return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
 
 
-def _simplex_minimise(value_and_grad, K, max_iter=2000, tol=1e-13):
-    """Projected gradient descent with backtracking over the simplex, from the centre."""
-    x = np.full(K, 1.0 / K)
-    f, g = value_and_grad(x)
-    step = 1.0
-    for _ in range(max_iter):
-        while True:
-            candidate = project_to_simplex(x - step * g)
-            fc, gc = value_and_grad(candidate)
-            diff = candidate - x
-            if fc <= f + g @ diff + diff @ diff / (2 * step) + 1e-18 or step < 1e-20:
-                break
-            step *= 0.5
-        moved = np.abs(candidate - x).max()
-        x, f, g = candidate, fc, gc
-        step *= 2.0
-        if moved < tol:
-            break
-    return x
+def _bordered_solve(G, rhs):
+    """The first ``n`` rows of the least-squares solution of ``[[G, 1], [1ᵀ, 0]] Z = rhs``
+    (``rhs``: ``(n + 1, m)``), the KKT system of quadratics in ``n`` weights with a fixed sum.
+
+    Solved as ``(T A T)(T⁻¹ Z) = T rhs`` with ``T = diag(1/‖p_i‖, min‖p‖)``: gradient norms orders
+    of magnitude apart would otherwise cost as many digits.
+    """
+    n = G.shape[0]
+    norms = np.sqrt(np.maximum(np.diag(G), 0.0))
+    d = 1.0 / np.where(norms > 0, norms, max(norms.max(), 1.0))
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n] = d[:, None] * G * d
+    kkt[:n, n] = kkt[n, :n] = d / d.max()
+    scaled = np.concatenate([d[:, None] * rhs[:n], rhs[n:] / d.max()])
+    return d[:, None] * np.linalg.lstsq(kkt, scaled, rcond=None)[0][:n]
 
 
 def _affine_min_norm(G):
     """``argmin μᵀGμ`` subject to ``Σμ = 1`` (the min-norm point of the points' affine hull)."""
-    n = G.shape[0]
-    kkt = np.block([[G, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
-    rhs = np.concatenate([np.zeros(n), [1.0]])
-    return np.linalg.lstsq(kkt, rhs, rcond=None)[0][:n]
+    rhs = np.zeros((G.shape[0] + 1, 1))
+    rhs[-1] = 1.0
+    return _bordered_solve(G, rhs)[:, 0]
+
+
+def _wolfe(G, corral, lam, threshold, rtol=0.0):
+    """Wolfe's (1976) iterations for the min-norm point of the convex hull of the points with
+    Gramian ``G``, from the affinely independent ``corral`` with barycentric weights ``lam > 0``.
+
+    Minor cycle: move towards the corral's affine min-norm point, dropping points whose weight
+    reaches 0, until that point lies inside. Major cycle: add the point most opposed to the
+    current ``x = Σ λ_i p_i``, unless none improves on ``‖x‖²`` by more than ``threshold``, or
+    than ``rtol (‖p_j‖ + s) s``, ``s = Σ λ_i ‖p_i‖`` (the scale of the rounding in that test,
+    which may be far below ``max ‖p‖²`` when the corral's points are small), or when a major
+    cycle failed to decrease ``‖x‖²`` (only rounding can do that). Returns the final corral and
+    its weights.
+    """
+    norms = np.sqrt(np.diag(G))
+    previous = np.inf
+    for _ in range(10 * G.shape[0] + 10):  # each point enters at most a few times; a safety bound
+        while len(corral) > 1:
+            mu = _affine_min_norm(G[np.ix_(corral, corral)])
+            if np.all(mu > 0):
+                lam = mu
+                break
+            shrinking = mu <= 0
+            theta = np.min(lam[shrinking] / (lam[shrinking] - mu[shrinking]))
+            lam = lam + theta * (mu - lam)
+            keep = lam > 1e-15
+            corral, lam = [c for c, k in zip(corral, keep) if k], lam[keep] / lam[keep].sum()
+        projections = G[:, corral] @ lam  # <x, p_j> for every j
+        norm2 = float(lam @ projections[corral])
+        j = int(np.argmin(projections))
+        size = lam @ norms[corral]
+        if projections[j] >= norm2 - max(threshold, rtol * (norms[j] + size) * size) \
+                or j in corral or norm2 >= previous:  # the last, rounding: no progress made
+            break
+        previous = norm2
+        corral, lam = corral + [j], np.append(lam, 0.0)
+    return corral, lam
 
 
 def min_norm_point(gramian, *, tol: float = 1e-12):
@@ -141,27 +174,9 @@ def min_norm_point(gramian, *, tol: float = 1e-12):
     ``‖x‖²`` by more than ``tol · max_k G_kk``; points whose barycentric weight reaches 0 leave.
     """
     G = _check_gramian(gramian)
-    K = G.shape[0]
     threshold = tol * max(float(np.max(np.diag(G))), np.finfo(float).tiny)
-    corral, lam = [int(np.argmin(np.diag(G)))], np.ones(1)
-    for _ in range(10 * K + 10):  # each point enters at most a few times; a safety bound
-        projections = G[:, corral] @ lam  # <x, p_j> for every j
-        norm2 = float(lam @ projections[corral])
-        j = int(np.argmin(projections))
-        if projections[j] >= norm2 - threshold or j in corral:
-            break
-        corral, lam = corral + [j], np.append(lam, 0.0)
-        while True:  # move towards the affine min-norm point, dropping points that reach 0
-            mu = _affine_min_norm(G[np.ix_(corral, corral)])
-            if np.all(mu > 0):
-                lam = mu
-                break
-            shrinking = mu <= 0
-            theta = np.min(lam[shrinking] / (lam[shrinking] - mu[shrinking]))
-            lam = lam + theta * (mu - lam)
-            keep = lam > 1e-15
-            corral, lam = [c for c, k in zip(corral, keep) if k], lam[keep] / lam[keep].sum()
-    alpha = np.zeros(K)
+    corral, lam = _wolfe(G, [int(np.argmin(np.diag(G)))], np.ones(1), threshold)
+    alpha = np.zeros(G.shape[0])
     alpha[corral] = lam
     return alpha
 
@@ -186,32 +201,117 @@ def mgda_weights(gramian):
     return alpha
 
 
+def _cagrad_face(M, b, r, support):
+    """CAGrad's optimality conditions on the affine hull of the points ``p_S``, in closed form.
+
+    The projection of ``−t g0`` onto that hull is ``x(t) = x_0 − t P g0`` (``x_0``: the hull's
+    min-norm point, ``P``: the projection onto its directions) with weights ``μ − t v``: one
+    bordered solve with two right-hand sides. As ``x_0 ⊥ P g0``, ``‖x(t)‖² − r²t² =
+    ‖x_0‖² − t²(r² − ‖P g0‖²)`` vanishes at ``t = ‖x_0‖ / √(r² − ‖P g0‖²)``, and not at all when
+    ``r ≤ ‖P g0‖`` (then None). Returns ``(t, w, y)``: the weights of ``x(t)`` and of
+    ``x(t)/t = r x/‖x‖``. Where ``x_0 = 0`` up to rounding, ``t = 0`` and ``y = −v``, the limit
+    ``x(t)/t → −P g0`` (``μ/t`` would be rounding noise, blown up).
+    """
+    n = len(support)
+    Ms = M[np.ix_(support, support)]
+    rhs = np.zeros((n + 1, 2))
+    rhs[n, 0], rhs[:n, 1] = 1.0, b[support]
+    mu, v = _bordered_solve(Ms, rhs).T
+    x0_sq, pg0_sq = max(float(mu @ Ms @ mu), 0.0), float(v @ Ms @ v)
+    if r * r <= pg0_sq:
+        return None
+    if x0_sq <= 1e-12 * float(np.abs(mu) @ np.abs(Ms) @ np.abs(mu)):  # x_0 = 0 but for rounding
+        t = 0.0
+    else:
+        t = np.sqrt(x0_sq / (r * r - pg0_sq))
+    w, y = np.zeros(M.shape[0]), np.zeros(M.shape[0])
+    w[support] = mu - t * v
+    y[support] = w[support] / t if t > 0 else -v
+    return t, w, y
+
+
+def _cagrad_direction(M, b, g0_sq, r, tol=1e-11):
+    """Weights ``y`` of ``r x*/‖x*‖``, ``x* = argmin_{x ∈ C} F(x) = <x, g0> + r‖x‖``, ``C`` the
+    convex hull of the points ``p`` with Gramian ``M``, ``b = (<p_i, g0>)``, ``g0_sq = ‖g0‖²``.
+
+    ``F`` is convex; ``x* ≠ 0`` is optimal iff ``−(g0 + x*/t) ∈ N_C(x*)`` with ``t = ‖x*‖/r``,
+    i.e. iff ``x* = x(t) := proj_C(−t g0)`` and ``‖x(t)‖ = r t``. So ``φ(t) = ‖x(t)‖ − r t`` has
+    one root ``t*`` (0 when ``x* = 0``), above which it is negative and below positive, and
+    ``x(t)`` is piecewise linear in ``t``, one piece per face, each with the closed form of
+    :func:`_cagrad_face`. Iterate: project ``−t g0`` exactly (Wolfe, warm-started: the shifted
+    points are translates, so a corral stays a corral), narrow the bracket of ``t*`` by the sign of
+    ``φ(t)``, and take the face's root as the next ``t`` (bisect when it leaves the bracket),
+    until a face's candidate passes the first-order test ``min_j ∇F_j ≥ ∇F·w − tol·scale``
+    (``∇F = b + M y``; at ``x = 0`` a subgradient, with ``‖y‖_M ≤ r``). Once ``t`` lies in a
+    piece next to ``t*``, that face's root is ``t*``: finite and exact but for rounding. Should
+    rounding defeat the test, the candidate with the least duality gap is returned.
+    """
+    n = M.shape[0]
+    norms = np.sqrt(np.diag(M))
+    scale = norms.max() * (np.sqrt(g0_sq) + r)  # bounds |∇F_j|
+    lo, hi = 0.0, norms.max() / r  # ‖x(t)‖ ≤ max‖p‖ < r t beyond hi
+    t, corral, lam = 0.0, [int(np.argmin(norms))], np.ones(1)
+    best, best_gap = np.zeros(n), np.inf
+    rtol = 4 * n * np.finfo(float).eps
+    for _ in range(50):  # 2-3 rounds as a rule; the bound only guards against rounding
+        Mt = M + t * (b[:, None] + b[None, :]) + t * t * g0_sq  # Gramian of p_i + t g0
+        # Wolfe's test <p_j − x, x + t g0> ≥ −threshold is t times the first-order test below,
+        # hence its threshold; rtol: down to the rounding of the test
+        corral, lam = _wolfe(Mt, corral, lam, t * tol * scale, rtol=rtol)
+        norm2 = lam @ M[np.ix_(corral, corral)] @ lam  # ‖x(t)‖²
+        if t > 0 and norm2 < (r * t) ** 2:
+            hi = t  # φ(t) < 0
+        else:
+            lo = t
+        if t == 0:  # the min-norm point: x = 0 as a candidate, if 0 is in the hull
+            origin = np.zeros(n)
+            origin[corral] = lam
+            size = lam @ norms[corral]
+            zero_in_hull = norm2 <= rtol * (norms.max() + size) * size  # Wolfe's resolution
+        face = _cagrad_face(M, b, r, corral)
+        t_face, w, y = face if face is not None else (np.inf, None, None)
+        if t_face == 0:
+            w = origin
+        elif w is not None and np.min(w * norms) < -1e-12 * norms.max():
+            w = None  # infeasible: not only rounding moving x by 1e-12 max‖p‖ per weight
+        if w is not None:
+            w = np.clip(w, 0.0, None) / np.clip(w, 0.0, None).sum()
+            y = w / t_face if t_face > 0 else y
+            grad = b + M @ y  # <p_j, d> for d = g0 + Σ y_i p_i, ‖d − g0‖ ≤ r
+            rounding = rtol * np.max(np.abs(M) @ np.abs(y) + np.abs(b))
+            if grad @ w - grad.min() <= tol * scale + rounding and (t_face > 0 or zero_in_hull):
+                return y
+            # fallback ranking: the duality gap F(w) − min_j <p_j, d> ≥ F(w) − min F
+            gap = w @ b + r * np.sqrt(max(w @ M @ w, 0.0)) - grad.min()
+            if gap < best_gap:
+                best, best_gap = y, gap
+        t = t_face if lo < t_face < hi else np.sqrt(lo * hi) if lo > 0 else hi / 16
+    return best
+
+
 def cagrad_coefficients(gramian, *, c: float = 0.4):
     """CAGrad (Liu et al. 2021) with ``rescale=1``: ``d = (g0 + √φ/‖g_w‖ g_w) / (1 + c²)``.
 
     ``g0`` is the mean gradient, ``φ = c²‖g0‖²`` and ``w = argmin_{w ∈ simplex} g_wᵀg0 + √φ‖g_w‖``
-    over the tasks with a non-zero gradient.
+    over the tasks with a non-zero gradient, solved exactly up to rounding (see
+    :func:`_cagrad_direction`). Where that optimum is ``g_w = 0`` (0 in the tasks' convex hull
+    and no better point), ``√φ g_w/‖g_w‖`` is its limit ``−P g0`` along the optimal path (``P``:
+    projection onto the span of the optimal face), so that ``min_k <g_k, d> ≥ 0`` still holds.
+    With ``c = 0`` or ``g0 = 0`` the update is ``g0 / (1 + c²)``.
     """
     G = _check_gramian(gramian)
     K = G.shape[0]
     mean = np.full(K, 1.0 / K)
     scale = max(np.trace(G) / K, np.finfo(float).tiny)
     Gn = G / scale
-    root_phi = c * np.sqrt(max(mean @ Gn @ mean, 0.0))
     Gmean = Gn @ mean
+    g0_sq = max(float(mean @ Gmean), 0.0)
+    root_phi = c * np.sqrt(g0_sq)
     active = np.flatnonzero(np.diag(G) > 0)
-    w = np.zeros(K)
-    if active.size:
-        Ga, Gmean_a = Gn[np.ix_(active, active)], Gmean[active]
-
-        def value_and_grad(v):
-            norm = np.sqrt(max(v @ Ga @ v, 1e-30))
-            return v @ Gmean_a + root_phi * norm, Gmean_a + root_phi * (Ga @ v) / norm
-
-        w[active] = _simplex_minimise(value_and_grad, active.size)
-    norm_w = np.sqrt(max(w @ Gn @ w, 0.0))
-    lam = root_phi / norm_w if norm_w > 0 else 0.0
-    return (mean + lam * w) / (1.0 + c**2)
+    y = np.zeros(K)  # weights of √φ g_w / ‖g_w‖
+    if active.size and root_phi > 0:
+        y[active] = _cagrad_direction(Gn[np.ix_(active, active)], Gmean[active], g0_sq, root_phi)
+    return (mean + y) / (1.0 + c**2)
 
 
 def imtlg_coefficients(gramian):
