@@ -281,11 +281,14 @@ def _sample_parser(sub):
     p.add_argument("--guidance-scale", type=float, default=1.0, metavar="S",
                    help="classifier-free guidance scale of class-conditional models trained with "
                    "--label-dropout > 0 (default 1: no guidance; 0: unconditional)")
+    p.add_argument("--label", type=int, default=None, metavar="C",
+                   help="class-conditional models: every image of class C (default: the classes "
+                   "in turn, 0, 1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw model weights")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--out", metavar="PREFIX", help="output path without extension (default: "
-                   "<run>/samples_<sampler>[_cfg<S>]_seed<seed>, 2.5 written 2p5)")
+                   "<run>/samples_<sampler>[_cfg<S>][_class<C>]_seed<seed>, 2.5 written 2p5)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_sample)
 
@@ -325,10 +328,16 @@ def _cmd_sample(args) -> int:
             raise ValueError("--guidance-scale: this model was trained with label_dropout=0, so "
                              "its null label never saw training; train with --label-dropout "
                              "(e.g. 0.1) to use classifier-free guidance")
+    if args.label is not None and not 0 <= args.label < (mc.get("num_classes") or 0):
+        raise ValueError(f"--label must be a class in [0, {mc.get('num_classes') or 0}) of this "
+                         f"{'class-conditional' if mc.get('num_classes') else 'unconditional'} "
+                         f"model, got {args.label}")
     shape = (args.num, mc["in_channels"], mc["image_size"], mc["image_size"])
     y = None
     if mc.get("num_classes"):
         y = torch.arange(args.num, device=device) % mc["num_classes"]
+        if args.label is not None:
+            y = torch.full_like(y, args.label)
     if args.sampler == "ddpm":
         images = diffusion.sample_ddpm(model, shape, seed=args.seed, y=y, guidance_scale=scale,
                                        device=device)
@@ -338,7 +347,8 @@ def _cmd_sample(args) -> int:
     images = images.clamp(-1, 1).cpu()
     run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
     guided = '' if scale == 1 else f"_cfg{scale:g}".replace(".", "p")  # 2.5 -> _cfg2p5
-    name = f"samples_{args.sampler}{guided}_seed{args.seed}"
+    labelled = '' if args.label is None else f"_class{args.label}"
+    name = f"samples_{args.sampler}{guided}{labelled}_seed{args.seed}"
     prefix = Path(args.out) if args.out else run_dir / name
     prefix.parent.mkdir(parents=True, exist_ok=True)
     png = save_image_grid(images, prefix.with_suffix(".png"))

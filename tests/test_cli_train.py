@@ -95,7 +95,7 @@ def test_sample_shapes_determinism_and_reference(trained_run, tmp_path, sampler,
     np.testing.assert_array_equal(outs[0], want.clamp(-1, 1).numpy())
 
 
-def test_sample_with_classifier_free_guidance(trained_run, tmp_path, capsys):
+def test_sample_with_classifier_free_guidance_and_one_label(trained_run, tmp_path, capsys):
     out = tmp_path / "cond"
     assert main(["train", *TINY, "--steps", "3", "--class-conditional", "--label-dropout", "0.2",
                  "--out", str(out)]) == 0
@@ -107,14 +107,26 @@ def test_sample_with_classifier_free_guidance(trained_run, tmp_path, capsys):
     want = GaussianDiffusion("linear", 20, "eps").sample_ddim(
         model, (4, 3, 8, 8), steps=3, seed=0, y=y, guidance_scale=2.5)
     np.testing.assert_array_equal(got["images"], want.clamp(-1, 1).numpy())
-    # refused: an unconditional model, a null label that was never trained, a bad scale
+    # --label: every image of one class
+    assert main(["sample", str(out), "--num", "3", "--steps", "2", "--label", "4"]) == 0
+    one = np.load(out / "samples_ddim_class4_seed0.npz")
+    np.testing.assert_array_equal(one["labels"], [4, 4, 4])
+    want = GaussianDiffusion("linear", 20, "eps").sample_ddim(
+        model, (3, 3, 8, 8), steps=2, seed=0, y=torch.full((3,), 4))
+    np.testing.assert_array_equal(one["images"], want.clamp(-1, 1).numpy())
+    # refused: an unconditional model, a null label that was never trained, a bad scale,
+    # a label out of range or for an unconditional model
     plain = tmp_path / "plain"
     assert main(["train", *TINY, "--steps", "1", "--class-conditional", "--out", str(plain)]) == 0
-    for run, scale, message in ((trained_run, "2", "needs a class-conditional model"),
-                                (plain, "2", "label_dropout=0"),
-                                (out, "-1", "--guidance-scale must be a finite number")):
+    for run, option, message in (
+            (trained_run, "--guidance-scale=2", "needs a class-conditional model"),
+            (plain, "--guidance-scale=2", "label_dropout=0"),
+            (out, "--guidance-scale=-1", "--guidance-scale must be a finite number"),
+            (out, "--label=5", "--label must be a class in [0, 5)"),
+            (out, "--label=-1", "--label must be a class in [0, 5)"),
+            (trained_run, "--label=0", "in [0, 0) of this unconditional")):
         with pytest.raises(SystemExit) as exc:
-            main(["sample", str(run), "--guidance-scale", scale, "--out", str(tmp_path / "x")])
+            main(["sample", str(run), option, "--out", str(tmp_path / "x")])
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("x.*"))
