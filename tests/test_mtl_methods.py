@@ -537,6 +537,33 @@ def test_cagrad_zero_worst_case_direction():
     _check_cagrad_optimal(grads, c, coeffs, reference=0.0)
 
 
+@pytest.mark.filterwarnings("error")  # no RuntimeWarning from a rounded-negative diagonal
+@pytest.mark.parametrize("grads, c, optimum_zero", [
+    ([[-3e-12, 2e-12], [-2.0, 0.0], [3.0, 3.0]], 0.5, False),  # a tiny task's vertex is optimal
+    ([[2.0], [-1.0]], 1.0, True),  # c = 1, 0 in the hull, g0 in its span: every t is a root
+    ([[-3.0], [1.0], [3.0]], 0.5, False),  # shifted Gramians whose diagonal rounds below 0
+])
+def test_cagrad_edge_cases_found_in_review(grads, c, optimum_zero):
+    """Regressions of the exact solver: each case broke ‖d − g0‖ ≤ c‖g0‖, or (where the optimum
+    is g_w = 0) the promise that d conflicts with no task, or warned, or raised."""
+    grads = np.array(grads)
+    coeffs = solvers.cagrad_coefficients(grads @ grads.T, c=c)
+    _check_cagrad_optimal(grads, c, coeffs, tol=1e-9)
+    d = (1 + c**2) * coeffs @ grads
+    g0 = grads.mean(0)
+    assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-9)
+    if optimum_zero:
+        assert min(grads @ d) >= -1e-9 * np.abs(grads).max() * np.linalg.norm(g0)
+
+
+def test_cagrad_negligible_radius_is_the_mean():
+    """√φ = 1e-155 ‖g0‖: the correction is nothing (the bracket of t overflowed, LinAlgError)."""
+    grads = np.array([[1.0, 0.0], [0.0, 2.0]])
+    c = 1e-155
+    np.testing.assert_array_equal(solvers.cagrad_coefficients(grads @ grads.T, c=c),
+                                  np.full(2, 0.5) / (1 + c**2))
+
+
 def test_imtlg_equal_projections():
     rng = np.random.default_rng(3)
     grads = rng.normal(size=(4, 9))

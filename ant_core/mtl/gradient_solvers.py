@@ -139,7 +139,7 @@ def _wolfe(G, corral, lam, threshold, rtol=0.0):
     cycle failed to decrease ``‖x‖²`` (only rounding can do that). Returns the final corral and
     its weights.
     """
-    norms = np.sqrt(np.diag(G))
+    norms = np.sqrt(np.maximum(np.diag(G), 0.0))  # a shifted Gramian's diagonal may round < 0
     previous = np.inf
     for _ in range(10 * G.shape[0] + 10):  # each point enters at most a few times; a safety bound
         while len(corral) > 1:
@@ -218,9 +218,12 @@ def _cagrad_face(M, b, r, support):
     rhs[n, 0], rhs[:n, 1] = 1.0, b[support]
     mu, v = _bordered_solve(Ms, rhs).T
     x0_sq, pg0_sq = max(float(mu @ Ms @ mu), 0.0), float(v @ Ms @ v)
-    if r * r <= pg0_sq:
+    x0_zero = x0_sq <= 1e-12 * float(np.abs(mu) @ np.abs(Ms) @ np.abs(mu))  # but for rounding
+    # with x_0 = 0 and r = ‖P g0‖ (c = 1, g0 in the face's span) every t is a root: 0 is optimal,
+    # so only r clearly below ‖P g0‖ rules the face out
+    if r * r <= pg0_sq * (1 - 1e-9 if x0_zero else 1):
         return None
-    if x0_sq <= 1e-12 * float(np.abs(mu) @ np.abs(Ms) @ np.abs(mu)):  # x_0 = 0 but for rounding
+    if x0_zero:
         t = 0.0
     else:
         t = np.sqrt(x0_sq / (r * r - pg0_sq))
@@ -276,7 +279,8 @@ def _cagrad_direction(M, b, g0_sq, r, tol=1e-11):
             w = None  # infeasible: not only rounding moving x by 1e-12 max‖p‖ per weight
         if w is not None:
             w = np.clip(w, 0.0, None) / np.clip(w, 0.0, None).sum()
-            y = w / t_face if t_face > 0 else y
+            if t_face > 0:  # onto the ball ‖y‖_M = r: w / t_face alone is off when t is tiny
+                y = w * (r / max(np.sqrt(max(w @ M @ w, 0.0)), np.finfo(float).tiny))
             grad = b + M @ y  # <p_j, d> for d = g0 + Σ y_i p_i, ‖d − g0‖ ≤ r
             rounding = rtol * np.max(np.abs(M) @ np.abs(y) + np.abs(b))
             if grad @ w - grad.min() <= tol * scale + rounding and (t_face > 0 or zero_in_hull):
@@ -309,7 +313,9 @@ def cagrad_coefficients(gramian, *, c: float = 0.4):
     root_phi = c * np.sqrt(g0_sq)
     active = np.flatnonzero(np.diag(G) > 0)
     y = np.zeros(K)  # weights of √φ g_w / ‖g_w‖
-    if active.size and root_phi > 0:
+    # below 1e-150 (in units of the mean gradient norm) the whole correction is nothing, and
+    # the bracket of t (up to max‖g‖ / √φ) would overflow when squared
+    if active.size and root_phi > 1e-150:
         y[active] = _cagrad_direction(Gn[np.ix_(active, active)], Gmean[active], g0_sq, root_phi)
     return (mean + y) / (1.0 + c**2)
 
