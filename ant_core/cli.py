@@ -346,7 +346,7 @@ def _cmd_sample(args) -> int:
                                        seed=args.seed, y=y, guidance_scale=scale, device=device)
     images = images.clamp(-1, 1).cpu()
     run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
-    guided = '' if scale == 1 else f"_cfg{scale:g}".replace(".", "p")  # 2.5 -> _cfg2p5
+    guided = '' if scale == 1 else f"_cfg{scale:.15g}".replace(".", "p")  # 2.5 -> _cfg2p5
     labelled = '' if args.label is None else f"_class{args.label}"
     name = f"samples_{args.sampler}{guided}{labelled}_seed{args.seed}"
     prefix = Path(args.out) if args.out else run_dir / name
@@ -357,7 +357,7 @@ def _cmd_sample(args) -> int:
     np.savez(npz, images=images.numpy(), **extra)
     print(f"ant sample: {args.num} images ({args.sampler}"
           f"{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}"
-          f"{'' if scale == 1 else f', guidance scale {scale:g}'}, "
+          f"{'' if scale == 1 else f', guidance scale {scale:.15g}'}, "
           f"{'raw' if args.no_ema else 'EMA'} weights, step {state['step']}) -> {png}, {npz}")
     return 0
 

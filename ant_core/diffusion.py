@@ -8,6 +8,8 @@ and ``"x0"``. Per-sample loss weightings (Min-SNR-gamma, P2, ...) live in
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -119,21 +121,26 @@ class GaussianDiffusion:
         return self.split_prediction(out, x, t)
 
     @staticmethod
-    def _check_guidance(model, y, guidance_scale) -> float:
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+    def _check_guidance(model, y, guidance_scale, batch: int, device):
+        """The guidance scale as a float and, when it guides, ``y`` as a (batch,) tensor."""
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
                 or not 0 <= guidance_scale < float("inf"):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if guidance_scale != 1:
-            if y is None:
-                raise ValueError("guidance_scale != 1 needs class labels y (classifier-free "
-                                 "guidance contrasts them with the null label)")
-            num_classes = getattr(model, "num_classes", None)
-            if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
-                    or num_classes < 1:
-                raise ValueError("guidance_scale != 1 needs a class-conditional model with an int "
-                                 "attribute num_classes (its null label), got "
-                                 f"num_classes={num_classes!r}")
-        return float(guidance_scale)
+        if guidance_scale == 1:
+            return 1.0, y
+        if y is None:
+            raise ValueError("guidance_scale != 1 needs class labels y (classifier-free "
+                             "guidance contrasts them with the null label)")
+        num_classes = getattr(model, "num_classes", None)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError("guidance_scale != 1 needs a class-conditional model with an int "
+                             "attribute num_classes (its null label; pass a DDP model's .module), "
+                             f"got num_classes={num_classes!r}")
+        y = torch.as_tensor(y, device=device)
+        if y.dtype not in (torch.int32, torch.int64) or y.shape != (batch,):
+            raise ValueError(f"y must be integer labels of shape ({batch},), got "
+                             f"{tuple(y.shape)} {y.dtype}")
+        return float(guidance_scale), y
 
     @torch.no_grad()
     def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, guidance_scale: float = 1.0,
@@ -161,7 +168,6 @@ class GaussianDiffusion:
         ``model.num_classes`` (one model call on the doubled batch per step). s = 0 samples
         unconditionally, s = 1 (default) conditionally without guidance. The null label must
         have been trained (``TrainConfig.label_dropout`` > 0)."""
-        guidance_scale = self._check_guidance(model, y, guidance_scale)
         steps = min(50, self.T) if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
             raise ValueError(f"steps must be an int in [1, {self.T}], got {steps!r}")
@@ -171,6 +177,7 @@ class GaussianDiffusion:
             param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else "cpu"
         device = torch.device(device)
+        guidance_scale, y = self._check_guidance(model, y, guidance_scale, shape[0], device)
         gen = torch.Generator(device=device).manual_seed(int(seed))
         x = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float64)
         ts = np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(np.int64))[::-1]

@@ -236,7 +236,8 @@ class Trainer:
                 f"resume: {self.checkpoint_dir} holds checkpoints after step {state['step']} of "
                 f"{path} ({', '.join(later)}): they belong to another continuation; move or "
                 "delete them first (nothing was deleted)")
-        saved = state["config"]
+        # a field added after the checkpoint was written has the default that reproduces it
+        saved = {**TrainConfig().to_dict(), **state["config"]}
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k not in RESUME_MUTABLE and _jsonable(saved.get(k)) != _jsonable(v))
         if changed:

@@ -180,3 +180,11 @@ def test_guidance_bad_input():
         d.sample_ddim(model, (2, 1, 2, 2), steps=2, guidance_scale=2.0)
     with pytest.raises(ValueError, match="num_classes"):
         d.sample_ddim(lambda x, t, labels: x, (2, 1, 2, 2), steps=2, y=y, guidance_scale=2.0)
+    for bad_y in (torch.tensor([0, 1, 2]), torch.tensor(1), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match=r"y must be integer labels of shape \(2,\)"):
+            d.sample_ddim(model, (2, 1, 2, 2), steps=2, y=bad_y, guidance_scale=2.0)
+    # a list of labels and numpy scalars as the scale work as they do without guidance
+    want = d.sample_ddim(model, (2, 1, 2, 2), steps=2, y=y, guidance_scale=2.0)
+    for scale in (np.float32(2.0), np.int64(2)):
+        torch.testing.assert_close(d.sample_ddim(model, (2, 1, 2, 2), steps=2, y=[0, 1],
+                                                 guidance_scale=scale), want)

@@ -272,6 +272,20 @@ def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):
         Trainer(tiny(tmp_path, steps=4), resume=True)
 
 
+def test_resume_a_checkpoint_written_before_a_config_field_existed(tmp_path):
+    """A field added later (label_dropout) is missing from older checkpoints: its default
+    reproduces them, so the resume goes on — and ends where an uninterrupted run does."""
+    whole = train(tiny(tmp_path, "whole", steps=4))
+    first = train(tiny(tmp_path, steps=2))
+    state = ckpt.load_checkpoint(first["checkpoint"])
+    del state["config"]["label_dropout"]
+    ckpt.atomic_save(state, first["checkpoint"])
+    resumed = train(tiny(tmp_path, steps=4), resume=True)
+    a, b = (ckpt.load_checkpoint(r["checkpoint"]) for r in (whole, resumed))
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+
+
 def test_resume_from_an_earlier_checkpoint_never_prunes_the_new_branch(tmp_path):
     """Later checkpoints of the run ranked above the new branch by step: pruning deleted the
     checkpoint just written and kept the stale one. Refused now; nothing is deleted."""
