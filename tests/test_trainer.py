@@ -439,9 +439,10 @@ def _ddp_worker(rank, world, ports, root):
     # 2. an initialised group is used as is; stop + resume == uninterrupted, under DDP
     os.environ["MASTER_PORT"] = str(ports[2])
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    train(_ddp_config(root, "whole", steps=4, method="famo"))
-    train(_ddp_config(root, "split", steps=2, method="famo"))
-    train(_ddp_config(root, "split", steps=4, method="famo"), resume=True)
+    cfg = dict(method="famo", class_conditional=True, label_dropout=0.3)  # per-rank dropout too
+    train(_ddp_config(root, "whole", steps=4, **cfg))
+    train(_ddp_config(root, "split", steps=2, **cfg))
+    train(_ddp_config(root, "split", steps=4, **cfg), resume=True)
     torch.distributed.destroy_process_group()
 
 
