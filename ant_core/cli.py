@@ -136,7 +136,9 @@ _TRAIN_FIELDS = (
     ("k", int, "number of timestep clusters (default 5; 1 = plain training)"),
     ("affinity", str, "T x T task-affinity .npy for the affinity objectives"),
     ("sampler", str, "timestep sampler: stratified (default, the paper) or uniform"),
-    ("weighting", str, "per-sample loss weight: none (default), min_snr or p2"),
+    ("weighting", str, "per-sample loss weight: none (default), min_snr, p2, or edm2 (EDM2's "
+                       "learned loss·exp(-u(log-SNR)) + u, trained with the model's lr; with "
+                       "--method vanilla or ew)"),
     ("min_snr_gamma", float, "Min-SNR gamma (default 5)"),
     ("p2_k", float, "P2 k (default 1)"),
     ("p2_gamma", float, "P2 gamma (default 1)"),

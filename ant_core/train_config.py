@@ -20,7 +20,7 @@ RESUME_MUTABLE = ("steps", "out", "log_every", "save_every", "keep_last", "sampl
                   "num_samples", "sample_steps", "progress", "device")
 _CHOICES = {
     "prediction": PREDICTIONS, "schedule": tuple(sorted(SCHEDULES)), "objective": OBJECTIVES,
-    "sampler": ("stratified", "uniform"), "weighting": ("none", "min_snr", "p2"),
+    "sampler": ("stratified", "uniform"), "weighting": ("none", "min_snr", "p2", "edm2"),
     "engine": ("autograd", "one-backward", "one-backward-lean"),
     "amp": ("none", "bf16", "fp16"),
 }
@@ -179,6 +179,11 @@ class TrainConfig:
         if self.engine != "autograd" and self.method_key not in GRADIENT_METHODS:
             raise ValueError(f"engine={self.engine!r} applies to the gradient methods "
                              f"{list(GRADIENT_METHODS)} only, not method={self.method!r}")
+        if self.weighting == "edm2" and self.method_key not in ("vanilla", "ew"):
+            raise ValueError(f"weighting='edm2' learns its own weights per noise level and its "
+                             f"per-sample objective loss·e^(-u) + u can be negative, which the "
+                             f"statistics of UW, FAMO, DWA, GradNorm (logs, ratios) cannot take: "
+                             f"use method 'vanilla' or 'ew', not method={self.method!r}")
         if self.compile and self.engine != "autograd":
             raise ValueError("compile=True works with engine='autograd' only (the one-backward "
                              "engine hooks the eager modules)")

@@ -189,9 +189,17 @@ class Trainer:
             raise ValueError(f"method_config {cfg.method_config} does not fit method "
                              f"{cfg.method!r}: {exc}") from None
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # EDM2's continuous uncertainty u(log-SNR): trained with the model's lr, no weight decay
+        self.uncertainty = None
+        if cfg.weighting == "edm2":
+            from .weighting import ContinuousUncertainty
+
+            self.uncertainty = ContinuousUncertainty().to(self.device)
+        extra = [] if self.uncertainty is None else [
+            {"params": list(self.uncertainty.parameters()), "lr": cfg.lr, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.lr,
-              "weight_decay": cfg.weight_decay},
+              "weight_decay": cfg.weight_decay}, *extra,
              *self.method.param_groups(lr=cfg.uw_lr, weight_decay=0.0)])
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
@@ -254,6 +262,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        if self.uncertainty is not None:
+            self.uncertainty.load_state_dict(state["uncertainty"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -301,6 +311,8 @@ class Trainer:
                 "model_kind": self.config.model, "model_config": _jsonable(self.model_config),
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "uncertainty": (self.uncertainty.state_dict() if self.uncertainty is not None
+                                else {}),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "world_size": self.world_size, "rank_states": ranks,
             }
@@ -314,7 +326,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def per_sample_weight(self, t: torch.Tensor):
         cfg = self.config
-        if cfg.weighting == "none":
+        if cfg.weighting in ("none", "edm2"):  # edm2: a learned transform in compute_losses
             return None
         from .weighting import min_snr_weight, p2_weight
 
@@ -324,13 +336,24 @@ class Trainer:
         return p2_weight(snr, cfg.p2_k, cfg.p2_gamma)
 
     def compute_losses(self, x_t, t, y, target, group, weight):
-        """The K per-cluster losses (float32) of one batch."""
+        """The K per-cluster losses (float32) of one batch (with weighting='edm2' the cluster
+        means of EDM2's per-sample ``loss · e^{−u} + u``)."""
         from .losses import grouped_mse
 
         with torch.autocast(self.device.type, dtype=self.amp_dtype,
                             enabled=self.amp_dtype is not None):
             pred = self.forward(x_t, t, y)
-        return grouped_mse(pred, target, group, self.K, weight=weight)
+        if self.uncertainty is None:
+            return grouped_mse(pred, target, group, self.K, weight=weight)
+        _, per_sample = grouped_mse(pred, target, group, self.K, return_per_sample=True)
+        transformed = self.uncertainty(per_sample, self.diffusion.snr(t).log())
+        counts = torch.bincount(group, minlength=self.K).clamp_min(1)
+        return transformed.new_zeros(self.K).index_add(0, group, transformed) / counts
+
+    def _trained_parameters(self) -> list:
+        """What the method's backward fills: the model's parameters (and EDM2's u)."""
+        extra = [] if self.uncertainty is None else list(self.uncertainty.parameters())
+        return [*self.model.parameters(), *extra]
 
     def _lr_factor(self) -> float:
         warm = self.config.warmup_steps
@@ -366,7 +389,7 @@ class Trainer:
                 f"losses {stats['cluster_losses']}; training stopped before the update and "
                 f"nothing was saved. Last good checkpoint: {kept}")
         try:
-            weights = self.method.backward(losses, self.model.parameters(), group=group,
+            weights = self.method.backward(losses, self._trained_parameters(), group=group,
                                            grad_scaler=self.scaler)
         except mtl.NashMTLSolveError as exc:
             raise TrainingError(

@@ -8,9 +8,10 @@ cpu-long, cpu-8k, cpu-wide, cpu-v, cpu-x0.)
 
 Grid: the configurations in ``quality_presets.GRID`` (vanilla, Min-SNR-5, ANT-UW with the
 timestep / log-SNR / affinity objectives, ANT-Nash-MTL and ANT-PCGrad on log-SNR clusters,
-ANT-FAMO; K = 5) x seeds 0..N-1 (default 3); two ablations run when ``--configs`` names them:
+ANT-FAMO; K = 5) x seeds 0..N-1 (default 3); three more run when ``--configs`` names them:
 ``ew_log_snr`` (the log-SNR clusters with equal weights: vanilla's loss with t stratified over
-the clusters) and ``uw_log_snr_slow`` (ANT-UW with its log-variances at lr 0.0025, 10x slower).
+the clusters), ``uw_log_snr_slow`` (ANT-UW with its log-variances at lr 0.0025, 10x slower) and
+``edm2`` (EDM2's continuous uncertainty weighting, uniform t: a baseline, not ANT).
 Everything else is fixed by the preset and equal for all configurations: ProceduralShapes data
 (data_seed 0), model, steps, batch, optimiser (AdamW, lr with linear warm-up, gradient-norm clip
 1.0 for every configuration, as the paper clips Nash-MTL), EMA, and the evaluation. Method

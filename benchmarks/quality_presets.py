@@ -135,11 +135,13 @@ CONFIGS = {
         method="ew", objective="log_snr")),
     "uw_log_snr_slow": ("ANT-UW log-SNR, log-variance lr 0.0025", dict(
         method="uw", objective="log_snr", uw_lr=0.0025)),
+    # a related baseline: EDM2's continuous uncertainty weighting, uniform t, no clusters
+    "edm2": ("EDM2 continuous uncertainty (uniform t)", dict(method="vanilla", weighting="edm2")),
 }
 #: run only when named in --configs
-ABLATIONS = ("ew_log_snr", "uw_log_snr_slow")
+ABLATIONS = ("ew_log_snr", "uw_log_snr_slow", "edm2")
 #: the default grid: the configurations the paper compares
 GRID = tuple(name for name in CONFIGS if name not in ABLATIONS)
 
 #: configurations that are not ANT (no verdict line "ANT-..."; still compared with vanilla)
-BASELINES = ("vanilla", "min_snr")
+BASELINES = ("vanilla", "min_snr", "edm2")

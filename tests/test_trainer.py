@@ -75,6 +75,41 @@ def test_losses_match_an_independent_reference(tmp_path):
     trainer.close()
 
 
+def test_edm2_weighting_matches_its_formula_and_learns(tmp_path):
+    """weighting='edm2': cluster means of ``mse · e^{−u(λ)} + u(λ)`` per sample, u trained by the
+    optimizer (model lr, no weight decay) and saved in the checkpoint."""
+    trainer = Trainer(tiny(tmp_path, weighting="edm2", method="ew", weight_decay=0.1))
+    group_of_u = [g for g in trainer.optimizer.param_groups
+                  if g["params"][0] is next(trainer.uncertainty.parameters())]
+    assert len(group_of_u) == 1 and group_of_u[0]["lr"] == trainer.config.lr
+    assert group_of_u[0]["weight_decay"] == 0.0
+    with torch.no_grad():  # a non-zero u, so that the reference has something to check
+        trainer.uncertainty.net[-1].weight.normal_()
+    x0, _ = next(trainer.loader)
+    t, group = trainer.sampler.sample(x0.shape[0])
+    noise = torch.randn(x0.shape)
+    x_t = trainer.diffusion.q_sample(x0, t, noise)
+    target = trainer.diffusion.target(x0, noise, t)
+    assert trainer.per_sample_weight(t) is None
+    got = trainer.compute_losses(x_t, t, None, target, group, None)
+    with torch.no_grad():
+        mse = ((trainer.model(x_t, t) - target).double() ** 2).mean(dim=(1, 2, 3))
+        ac = trainer.diffusion.alphas_cumprod[t]
+        u = trainer.uncertainty.log_variance((ac / (1 - ac)).log().float()).double()
+    per_sample = mse * torch.exp(-u) + u
+    want = torch.stack([per_sample[group == k].mean() for k in range(trainer.K)])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in trainer.uncertainty.parameters()]
+    for _ in range(3):
+        trainer.train_step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.uncertainty.parameters()))
+    path = trainer.save_checkpoint()
+    saved = ckpt.load_checkpoint(path)["uncertainty"]
+    for name, value in trainer.uncertainty.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    trainer.close()
+
+
 def test_vanilla_warmup_and_logged_fields(tmp_path):
     cfg = tiny(tmp_path, method="vanilla", warmup_steps=4, steps=5, lr=2e-3)
     train(cfg)
@@ -231,8 +266,9 @@ def _flat_state(obj):
     dict(method="nashmtl", method_config={"update_weights_every": 2}, engine="one-backward"),
     dict(method="uw", amp="fp16", weighting="min_snr", warmup_steps=3),
     dict(method="uw", class_conditional=True, label_dropout=0.5),
+    dict(method="ew", weighting="edm2", warmup_steps=2),
 ], ids=["uw", "pcgrad-uniform", "famo-p2", "rlw-bf16-clip", "nash-onebackward", "uw-fp16",
-        "uw-label-dropout"])
+        "uw-label-dropout", "ew-edm2"])
 def test_resume_is_exact(tmp_path, overrides):
     whole = train(tiny(tmp_path, "whole", steps=6, **overrides))
     train(tiny(tmp_path, "split", steps=3, **overrides))
@@ -240,7 +276,7 @@ def test_resume_is_exact(tmp_path, overrides):
     a = ckpt.load_checkpoint(whole["checkpoint"])
     b = ckpt.load_checkpoint(resumed["checkpoint"])
     assert a["step"] == b["step"] == 6
-    for key in ("model", "ema", "optimizer", "method", "scaler"):
+    for key in ("model", "ema", "optimizer", "method", "scaler", "uncertainty"):
         fa, fb = _flat_state(a[key]), _flat_state(b[key])
         assert fa.keys() == fb.keys(), key
         for name in fa:
@@ -355,6 +391,8 @@ def test_corrupt_checkpoint_is_a_clear_error_and_untouched(tmp_path):
     ({"label_dropout": 1.0, "class_conditional": True}, "label_dropout"),
     ({"label_dropout": -0.1, "class_conditional": True}, "label_dropout"),
     ({"label_dropout": 0.1}, "label_dropout"),
+    ({"weighting": "edm2", "method": "pcgrad"}, "weighting"),
+    ({"weighting": "edm2", "method": "uw"}, "weighting"),
 ])
 def test_bad_config_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
