@@ -221,7 +221,9 @@ def plot_curves(summary: dict, path: Path):
 
     steps = np.array(summary["preset"]["eval_steps"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in CONFIGS:
+    # more configurations than the default 10 colours: tab20's dark shades, then its light ones
+    colours = plt.get_cmap("tab20").colors
+    for index, name in enumerate(CONFIGS):
         entry = summary["configs"].get(name)
         if entry is None:
             continue
@@ -229,6 +231,7 @@ def plot_curves(summary: dict, path: Path):
         mean = np.array([s["mean"] if s["mean"] is not None else np.nan for s in stats])
         std = np.array([s["std"] if s["std"] is not None else 0.0 for s in stats])
         line, = ax.plot(steps, mean, marker="o", lw=1.5, label=entry["label"],
+                        color=colours[(2 * index) % 20 + (index // 10) % 2],
                         ls="--" if name in BASELINES else "-")
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
