@@ -291,7 +291,7 @@ class Trainer:
 
         Parameters that are not finite (an overflowing gradient with a finite loss) are a
         TrainingError instead: such a file would replace the last good checkpoint."""
-        tensors = [*self.model.parameters(), *self.ema.model.parameters()]
+        tensors = [*self._trained_parameters(), *self.ema.model.parameters()]
         if not bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all()):
             raise TrainingError(
                 f"non-finite parameters after step {self.step} (an overflowing gradient?); not "

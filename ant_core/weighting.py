@@ -72,7 +72,10 @@ class ContinuousUncertainty(nn.Module):
     small MLP (``hidden`` units, 0 for a single linear layer as in EDM2) whose last layer
     starts at zero, so ``u ≡ 0`` (weight 1) at initialisation. For a fixed λ the objective is
     minimised at ``u = log E[loss]``: the learned weight ``e^{−u}`` is the inverse expected loss.
-    Train its parameters with the model (EDM2 uses the model's learning rate).
+    Train its parameters with the model (EDM2 uses the model's learning rate). Differences from
+    EDM2's code: the zero-initialised last layer (EDM2: a random weight-normalised one), the
+    input λ·input_scale (EDM2 feeds ln σ / 4 = −λ / 8), and the trainer applies it to the plain
+    per-sample MSE of the prediction target (EDM2: its preconditioned, λ-weighted loss).
     """
 
     def __init__(self, num_features: int = 64, hidden: int = 0, input_scale: float = 0.25,

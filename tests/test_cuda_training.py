@@ -97,7 +97,9 @@ def test_negative_task_counts_on_cuda_poison_instead_of_syncing():
     dict(method="vanilla", weighting="min_snr", model="unet",
          model_config={"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
                        "attention_resolutions": [4], "num_groups": 8}),
-], ids=["uw", "pcgrad-onebackward-bf16", "nash-onebackward", "famo-lagged-fp16", "unet-minsnr"])
+    dict(method="ew", weighting="edm2", amp="bf16"),
+], ids=["uw", "pcgrad-onebackward-bf16", "nash-onebackward", "famo-lagged-fp16", "unet-minsnr",
+        "ew-edm2-bf16"])
 def test_trainer_on_cuda_trains_and_resumes(tmp_path, overrides):
     """The trainer runs on the GPU and resume continues the same run. Not bit for bit as on the
     CPU (tests/test_trainer.py): CUDA's atomics (nearest-upsampling backward, index_add) reorder

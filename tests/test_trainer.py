@@ -107,6 +107,10 @@ def test_edm2_weighting_matches_its_formula_and_learns(tmp_path):
     saved = ckpt.load_checkpoint(path)["uncertainty"]
     for name, value in trainer.uncertainty.state_dict().items():
         assert torch.equal(saved[name], value), name
+    with torch.no_grad():  # a non-finite u is never saved, like a non-finite model
+        trainer.uncertainty.net[-1].bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="non-finite parameters"):
+        trainer.save_checkpoint()
     trainer.close()
 
 
