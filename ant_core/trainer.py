@@ -380,7 +380,8 @@ class Trainer:
         with recording:
             losses = self.compute_losses(x_t, t, y, target, group, weight)
         stats = self._reduce_stats(losses.detach(), group)
-        if not math.isfinite(stats["loss"]) or not all(map(math.isfinite, stats["cluster_losses"])):
+        present = [v for v in stats["cluster_losses"] if v is not None]
+        if not math.isfinite(stats["loss"]) or not all(map(math.isfinite, present)):
             if self.engine is not None:
                 self.engine.discard()
             kept = self.last_checkpoint or "none (no checkpoint was written yet)"
@@ -425,10 +426,11 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(packed)
         sums, n = packed[:self.K], packed[self.K:2 * self.K]
-        cluster = torch.where(n > 0, sums / n.clamp_min(1), torch.zeros_like(n))
         if self.world_size > 1 and packed[2 * self.K] > 0 and self._stop_signal is None:
             self._stop_signal = "SIGTERM (from another rank)"
-        return {"loss": float(sums.sum() / n.sum()), "cluster_losses": cluster.tolist()}
+        # a cluster without samples in the union batch has no loss: None (JSON null), not 0
+        cluster = [s / c if c > 0 else None for s, c in zip(sums.tolist(), n.tolist())]
+        return {"loss": float(sums.sum() / n.sum()), "cluster_losses": cluster}
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -556,7 +558,7 @@ class _null_context:
 
 
 def _postfix(stats: dict) -> str:
-    losses = " ".join(f"{v:.3g}" for v in stats["cluster_losses"])
+    losses = " ".join("–" if v is None else f"{v:.3g}" for v in stats["cluster_losses"])
     weights = " ".join(f"{v:.3g}" for v in stats["weights"])
     return f"loss={stats['loss']:.4g} L_k=[{losses}] w=[{weights}]"
 

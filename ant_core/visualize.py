@@ -166,14 +166,16 @@ def plot_training_curves(metrics_path, out_dir) -> dict:
     written = {}
     for key, name, ylabel, log in (("cluster_losses", "cluster_losses.png", "loss", True),
                                    ("weights", "task_weights.png", "task weight", True)):
-        values = np.array([r[key] for r in records], dtype=np.float64)
+        values = np.array([[np.nan if v is None else v for v in r[key]] for r in records],
+                          dtype=np.float64)  # null: a cluster without samples in that step
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for k in range(values.shape[1]):
             ax.plot(steps, values[:, k], lw=1.2, label=f"cluster {k}")
         if key == "cluster_losses" and "loss" in records[0]:
             ax.plot(steps, [r["loss"] for r in records], color="k", lw=1.5, ls="--",
                     label="mean")
-        if log and np.all(values > 0) and values.max() > 20 * values.min():
+        shown = values[~np.isnan(values)]
+        if log and shown.size and np.all(shown > 0) and shown.max() > 20 * shown.min():
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)

@@ -12,7 +12,8 @@ from ant_core import interval_clustering
 from ant_core.data import ProceduralShapes
 from ant_core.losses import reference_grouped_mse
 from ant_core.trainer import EMA, TrainConfig, Trainer, TrainingError, train
-from ant_core.visualize import image_grid, read_metrics, write_png
+from ant_core.visualize import (has_matplotlib, image_grid, plot_training_curves,
+                                read_metrics, write_png)
 from ant_core.weighting import min_snr_weight
 
 TINY_DIT = {"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}
@@ -125,6 +126,36 @@ def test_vanilla_warmup_and_logged_fields(tmp_path):
     assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3])
     clusters = json.loads((tmp_path / "run" / "clusters.json").read_text())
     assert clusters["bounds"] == [[0, 50]]
+
+
+def test_clusters_without_samples_are_logged_as_null(tmp_path):
+    """A uniform sampler with batch 2 and K = 5 leaves at least 3 clusters empty every step:
+    their loss is null in metrics.jsonl (it was 0.0, a value a real loss can take with
+    weighting='edm2'), the others are the means of their samples, and the plots cope."""
+    trainer = Trainer(tiny(tmp_path, k=5, sampler="uniform", batch_size=2, steps=6))
+    seen = []
+    sample = trainer.sampler.sample
+
+    def recording_sample(*args, **kwargs):
+        t, group = sample(*args, **kwargs)
+        seen.append(group.clone())
+        return t, group
+
+    trainer.sampler.sample = recording_sample
+    trainer.train()
+    trainer.close()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == len(seen) == 6
+    for record, group in zip(records, seen):
+        present = torch.bincount(group, minlength=5) > 0
+        assert [v is not None for v in record["cluster_losses"]] == present.tolist()
+        values = [v for v in record["cluster_losses"] if v is not None]
+        counts = torch.bincount(group, minlength=5)[present].double()
+        assert record["loss"] == pytest.approx(float((torch.tensor(values) * counts).sum()
+                                                     / counts.sum()))
+    if has_matplotlib():
+        assert set(plot_training_curves(tmp_path / "run" / "metrics.jsonl", tmp_path)) == {
+            "cluster_losses", "weights"}
 
 
 def test_method_wiring_uw_group_famo_update_and_ema(tmp_path):
