@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import list_checkpoints, load_checkpoint, load_model
+from .checkpoint import atomic_write, list_checkpoints, load_checkpoint, load_model
 from .sketch import CountSketch
 from .train_config import require_available
 
@@ -157,16 +156,11 @@ class AffinityResult:
         if path.suffix != ".npy":
             path = path.with_suffix(path.suffix + ".npy") if path.suffix else \
                 path.with_suffix(".npy")
-        path.parent.mkdir(parents=True, exist_ok=True)
         side = path.with_suffix(".json")
         meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps]}
         # atomic: the matrix feeds training runs; a killed write must not leave half a file
-        for target, write in ((path, lambda f: np.save(f, self.matrix.astype(np.float64))),
-                              (side, lambda f: f.write(json.dumps(meta, indent=2).encode()))):
-            tmp = target.with_name(f".{target.name}.tmp")
-            with open(tmp, "wb") as handle:
-                write(handle)
-            os.replace(tmp, target)
+        atomic_write(path, lambda f: np.save(f, self.matrix.astype(np.float64)))
+        atomic_write(side, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return path, side
 
 

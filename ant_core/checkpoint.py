@@ -35,13 +35,19 @@ def checkpoint_path(directory, step: int) -> Path:
 
 
 def atomic_save(obj, path) -> Path:
-    """``torch.save`` to ``path`` atomically (tmp file in the same folder + fsync + os.replace)."""
+    """``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(binary_handle)`` for ``path`` atomically: tmp file in the same folder, fsync,
+    os.replace, then fsync of the folder; a killed write never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

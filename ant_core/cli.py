@@ -231,7 +231,7 @@ def _train_config_from_args(args):
             resume = latest_checkpoint(Path(out) / "checkpoints")
             if resume is None:
                 raise ValueError(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}")
-        values.update(load_checkpoint(resume)["config"])
+        values.update(load_checkpoint(resume, mmap=True)["config"])  # the config only
         values["out"] = args.out or str(Path(resume).resolve().parent.parent)
     values.update(file_values)  # only the fields the file sets: over a resumed run's config
     values.update(_given_fields(args))
@@ -344,7 +344,8 @@ def _cmd_sample(args) -> int:
         images = diffusion.sample_ddpm(model, shape, seed=args.seed, y=y, guidance_scale=scale,
                                        device=device)
     else:
-        images = diffusion.sample_ddim(model, shape, steps=args.steps, eta=args.eta,
+        steps = min(50, diffusion.T) if args.steps is None else args.steps  # for the report
+        images = diffusion.sample_ddim(model, shape, steps=steps, eta=args.eta,
                                        seed=args.seed, y=y, guidance_scale=scale, device=device)
     images = images.clamp(-1, 1).cpu()
     run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -358,7 +359,7 @@ def _cmd_sample(args) -> int:
     extra = {} if y is None else {"labels": y.cpu().numpy()}
     np.savez(npz, images=images.numpy(), **extra)
     print(f"ant sample: {args.num} images ({args.sampler}"
-          f"{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}"
+          f"{'' if args.sampler == 'ddpm' else f', {steps} steps'}"
           f"{'' if scale == 1 else f', guidance scale {scale:.15g}'}, "
           f"{'raw' if args.no_ema else 'EMA'} weights, step {state['step']}) -> {png}, {npz}")
     return 0
@@ -546,7 +547,7 @@ def _cmd_affinity(args) -> int:
         if args.last < 1:
             raise ValueError(f"--last must be >= 1, got {args.last}")
         files = files[-args.last:]
-    config = TrainConfig.from_dict(load_checkpoint(files[-1])["config"])
+    config = TrainConfig.from_dict(load_checkpoint(files[-1], mmap=True)["config"])
     device = resolve_device(args.device)
     result = estimate_affinity(
         files, build_dataset(config), M=args.M, d=args.d, exact=args.exact,

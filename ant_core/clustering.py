@@ -190,9 +190,11 @@ def _resolve_objective(objective, values, affinity, cost_matrix):
 def _series_for(objective, schedule, T):
     """The 1-D series that the timestep / snr / log_snr objectives measure deviations of."""
     if objective == "timestep":
+        if T is not None:
+            T = _check_int("T", T, minimum=1)
         if schedule is not None and not isinstance(schedule, str):  # T from the schedule
-            T = _schedules.get_schedule(schedule, None if T is None else _check_int("T", T, 1)).T
-        return np.arange(_check_int("T", 1000 if T is None else T, minimum=1), dtype=np.float64)
+            T = _schedules.get_schedule(schedule, T).T
+        return np.arange(1000 if T is None else T, dtype=np.float64)
     sched = _schedules.get_schedule("linear" if schedule is None else schedule, T)
     series = sched.snr if objective == "snr" else sched.log_snr
     bad = np.flatnonzero(~np.isfinite(series))

@@ -142,8 +142,8 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
     CPU path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing
     with plain torch ops.
     """
-    for name, value in (("pred", pred), ("target", target), ("groups", groups),
-                        ("weight", torch.empty(0) if weight is None else weight)):
+    tensors = (("pred", pred), ("target", target), ("groups", groups))
+    for name, value in tensors if weight is None else (*tensors, ("weight", weight)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"grouped_mse: {name} must be a torch.Tensor, got "
                             f"{type(value).__name__}")

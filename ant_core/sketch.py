@@ -59,9 +59,9 @@ class CountSketch:
         a, b, cubic = self.coeffs[k]
         i = torch.arange(start, stop, device=device, dtype=torch.int64)
         bucket = torch.remainder(i * a + b, _PRIME).remainder_(self.d)
-        value = torch.zeros_like(i)
-        for c in cubic:  # Horner; every product < 2^62 since both factors are < 2^31
-            value = torch.remainder(value * i + c, _PRIME)
+        value = torch.full_like(i, cubic[0])  # Horner; every product < 2^62 (factors < 2^31)
+        for c in cubic[1:]:
+            value = value.mul_(i).add_(c).remainder_(_PRIME)
         sign = value.bitwise_and_(1).mul_(-2).add_(1)
         return bucket, sign
 

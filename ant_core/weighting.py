@@ -97,16 +97,20 @@ class ContinuousUncertainty(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def log_variance(self, log_snr: torch.Tensor) -> torch.Tensor:
-        """``u(λ)`` of shape (B,)."""
-        log_snr = _check_snr(log_snr, "log_snr", allow_negative=True)
+    def log_variance(self, log_snr: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """``u(λ)`` of shape (B,). ``check=False`` skips validating ``log_snr``, whose
+        finiteness test reads the device back (a host sync), for inputs finite by construction."""
+        if check:
+            log_snr = _check_snr(log_snr, "log_snr", allow_negative=True)
         x = log_snr.to(self.frequencies.dtype)[:, None] * self.input_scale
         features = math.sqrt(2.0) * torch.cos(2 * math.pi * (x * self.frequencies + self.phases))
         return self.net(features.to(self.net[0].weight.dtype)).squeeze(-1)
 
-    def forward(self, loss: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
-        """Per-sample ``loss · e^{−u} + u`` (B,); average it for the training loss."""
+    def forward(self, loss: torch.Tensor, log_snr: torch.Tensor, *,
+                check: bool = True) -> torch.Tensor:
+        """Per-sample ``loss · e^{−u} + u`` (B,); average it for the training loss. ``check`` as
+        in :meth:`log_variance`."""
         if not isinstance(loss, torch.Tensor) or loss.shape != log_snr.shape:
             raise ValueError("loss must be a tensor with the shape of log_snr (B,)")
-        u = self.log_variance(log_snr)
+        u = self.log_variance(log_snr, check=check)
         return loss * torch.exp(-u) + u

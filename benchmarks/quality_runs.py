@@ -96,7 +96,6 @@ class Benchmark:
         self.engine = preset.default_engine if engine is None else engine
         self.seeds, self.configs = list(seeds), list(configs)
         self._held_out = None
-        self._train_images = None
 
     # --------------------------------------------------------------- configs
     def train_config(self, name: str, seed: int, out: Path, steps: int, affinity=None):
@@ -182,7 +181,7 @@ class Benchmark:
             if step in done:
                 continue
             latest = ckpt.latest_checkpoint(run / "checkpoints")
-            latest_step = int(latest.stem.split("_")[-1]) if latest else 0
+            latest_step = ckpt.checkpoint_step(latest) if latest else 0
             target = ckpt.checkpoint_path(run / "checkpoints", step)
             if latest_step < step:
                 start = time.perf_counter()

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .layer_gradients import TaskSegments, find_handler
 
 __all__ = ["AutogradEngine", "OneBackwardEngine", "TaskGradients", "resolve_engine",
@@ -318,6 +319,7 @@ class OneBackwardEngine:
         parameters' indices in ``params``.
         """
         self._check_records(group)
+        reference = self._reference(losses, params)
         records, self._records = self._records, []
         tasks = TaskSegments(group.reshape(-1).to(losses.device), losses.numel())
         batch = tasks.batch_size
@@ -340,7 +342,7 @@ class OneBackwardEngine:
             indices = fallback
         _autograd_task_gradients(losses, fallback_params, out, indices, retain_last=bool(usable))
         if not usable or not losses.requires_grad:
-            return tasks, [], fallback, out
+            return tasks, [], fallback, out, reference
         output_grads = torch.autograd.grad(losses.sum(), [y for _, _, y in usable],
                                            allow_unused=True)
         items = []
@@ -350,15 +352,14 @@ class OneBackwardEngine:
                 if x.is_floating_point() and x.dtype != dtype:
                     x = x.to(dtype)
                 items.append((module, x, gy if gy.dtype == dtype else gy.to(dtype)))
-        return tasks, items, fallback, out
+        return tasks, items, fallback, out, reference
 
     def task_gradients(self, losses, parameters, *, group=None):
         """:class:`TaskGradients` from one backward (see the class docstring)."""
         params = list(parameters)
-        reference = self._reference(losses, params, group)
         out = TaskGradients(params, losses.numel(), self._storage)
         self._storage = out.buffers
-        tasks, items, _, _ = self._one_backward(losses, params, group, out)
+        tasks, items, _, _, reference = self._one_backward(losses, params, group, out)
         index = {id(p): i for i, p in enumerate(params)}
         for module, x, gy in items:
             targets, shared = {}, []
@@ -374,12 +375,11 @@ class OneBackwardEngine:
             self._check_combination(params, reference, out.combine(reference[0]))
         return out
 
-    def _reference(self, losses, params, group):
+    def _reference(self, losses, params):
         """While verifying: ``(c, ∇ Σ_k c_k L_k)`` from one more (ordinary) backward, else None.
         Distinct ``c_k``: a plain sum would not see samples given to the wrong task."""
         if not (self.verify and losses.requires_grad):
             return None
-        self._check_records(group)
         coeffs = torch.linspace(0.5, 1.5, losses.numel(), dtype=torch.float64)
         full = torch.autograd.grad((coeffs.to(losses) * losses).sum(), params, retain_graph=True,
                                    allow_unused=True)
@@ -388,22 +388,23 @@ class OneBackwardEngine:
     def _check_combination(self, params, reference, combined):
         """Raise unless ``combined`` (per parameter ``Σ_k c_k g_k``, None where unused) matches
         the reference gradient, for every parameter whose reference is finite and non-zero."""
-        from .distributed import all_reduce_sum, world_size
-
         if self._unverified is None:
             self._unverified = {id(p) for p in params}
         norm = torch.linalg.vector_norm
-        pairs = [(torch.zeros_like(p, dtype=torch.float64) if f is None else f.double(),
-                  torch.zeros_like(p, dtype=torch.float64) if g is None else g.double())
-                 for p, f, g in zip(params, reference[1], combined)]
+
+        def norms(p, f, g):  # one parameter's float64 copies at a time
+            zero = torch.zeros((), dtype=torch.float64, device=p.device)
+            f = zero if f is None else f.double()
+            g = zero if g is None else g.double()
+            return norm(f), norm(g), norm(f - g)
+
         ref, own, err = (torch.stack(v).to(params[0].device) for v in
-                         zip(*[(norm(f), norm(g), norm(f - g)) for f, g in pairs]))
+                         zip(*[norms(*t) for t in zip(params, reference[1], combined)]))
         checked = torch.isfinite(ref) & torch.isfinite(own) & (ref > 0)
         floor = 1e-6 * torch.linalg.vector_norm(torch.where(checked, ref, 0.0))
         wrong = checked & (err > self.verify_rtol * (ref + own) + floor)
         flags = torch.stack([wrong, checked]).double()
-        if world_size() > 1:  # the same verdict and the same next step on every rank
-            all_reduce_sum([flags])
+        all_reduce_sum([flags])  # the same verdict and the same next step on every rank
         wrong, checked = (flags > 0).cpu().tolist()
         self._unverified -= {id(p) for p, c in zip(params, checked) if c}
         self._verify_calls += 1
@@ -432,8 +433,8 @@ class OneBackwardEngine:
         """
         params = list(parameters)
         num_tasks = losses.numel()
-        reference = self._reference(losses, params, group)
-        tasks, items, fallback, fallback_out = self._one_backward(losses, params, group)
+        tasks, items, fallback, fallback_out, reference = self._one_backward(losses, params,
+                                                                             group)
         index = {id(p): i for i, p in enumerate(params)}
         users = {}
         for module, _, _ in items:

@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["NashMTLSolveError", "nash_mtl_weights", "mgda_weights", "cagrad_coefficients",
            "imtlg_coefficients", "aligned_mtl_coefficients", "pcgrad_coefficients",
-           "project_to_simplex", "min_norm_point"]
+           "min_norm_point"]
 
 
 class NashMTLSolveError(RuntimeError):
@@ -92,15 +92,6 @@ def nash_mtl_weights(gramian, *, max_iter: int = 100, tol: float = 1e-10):
             "unbounded (task gradients with a vanishing non-negative combination)")
     alpha_full[active] = alpha / np.sqrt(trace_scale)
     return alpha_full
-
-
-def project_to_simplex(v):
-    """Euclidean projection of ``v`` onto the probability simplex (sort-based, exact)."""
-    u = np.sort(v)[::-1]
-    cumulative = np.cumsum(u) - 1.0
-    index = np.arange(1, v.size + 1)
-    rho = np.nonzero(u - cumulative / index > 0)[0][-1]
-    return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
 
 
 def _bordered_solve(G, rhs):

@@ -103,7 +103,7 @@ class DynamicWeightAverage(_LossWeighting):
     def _weights(self, global_losses, present, scale):
         before, last = self.loss_history
         if int(self.calls) >= 2:
-            ratio = last / torch.where(before > 0, before, 1.0)
+            ratio = last / before
             ratio = torch.where((before > 0) & torch.isfinite(ratio) & (ratio > 0), ratio, 1.0)
             weights = torch.softmax(ratio / self.temperature, dim=0)
         else:
@@ -296,8 +296,9 @@ class FAMO(_LossWeighting):
         both = present & ~torch.isnan(previous)
         delta = torch.where(both, torch.log(self._shifted(previous))
                             - torch.log(self._shifted(new)), 0.0)
-        active = (both.any() & torch.isfinite(delta).all()).to(self.logits.device)
-        delta = torch.where(torch.isfinite(delta), delta, 0.0).to(self.logits.device)
+        finite = torch.isfinite(delta)
+        active = (both.any() & finite.all()).to(self.logits.device)
+        delta = torch.where(finite, delta, 0.0).to(self.logits.device)
         z = torch.softmax(self.logits, dim=0)
         grad = z * (delta - (z * delta).sum()) + self.weight_decay * self.logits
         step = self.adam_step + 1

@@ -50,6 +50,19 @@ std::tuple<at::Tensor, at::Tensor> grouped_mse_backward_op(
                  need_grad_target);
 }
 
+// dL/dl_i through the group means: grad_group[g_i] / count[g_i] in `dtype` (differentiable aten
+// ops). Ids outside [0, K) occur only on CUDA (the forward then poisons every loss with NaN); as
+// in the fused kernel their gradient is NaN, and they are never used as an index.
+at::Tensor per_sample_group_grad(const at::Tensor& grad_group, const at::Tensor& group_count,
+                                 const at::Tensor& groups, int64_t num_groups,
+                                 at::ScalarType dtype) {
+  const at::Tensor per_group = grad_group.to(dtype) / group_count.clamp_min(1).to(dtype);
+  const at::Tensor valid = groups.ge(0).logical_and(groups.lt(num_groups));
+  return at::where(valid,
+                   per_group.index_select(0, groups.clamp(0, num_groups - 1).to(at::kLong)),
+                   std::numeric_limits<double>::quiet_NaN());
+}
+
 // The gradients of pred and target from differentiable aten ops, for a backward that builds a
 // graph (create_graph=True: gradient penalties, double backward). The fused kernel's result is
 // not differentiable; this is the same formula, 2/N * (w_i * dL_{g_i} / count_{g_i} + dl_i) *
@@ -62,13 +75,9 @@ std::tuple<at::Tensor, at::Tensor> differentiable_grads(
                        ? at::kDouble
                        : at::kFloat;
   const int64_t batch = pred.size(0);
-  const at::Tensor per_group = grad_group.to(acc) / group_count.clamp_min(1).to(acc);
-  // Ids outside [0, K) occur only on CUDA; as in the fused kernel their gradient is NaN.
-  const at::Tensor valid = groups.ge(0).logical_and(groups.lt(num_groups));
-  at::Tensor coef = per_group.index_select(0, groups.clamp(0, num_groups - 1).to(at::kLong));
+  at::Tensor coef = per_sample_group_grad(grad_group, group_count, groups, num_groups, acc);
   if (weight.defined()) coef = coef * weight.to(acc);
-  if (grad_sample.defined()) coef = coef + grad_sample.to(acc);
-  coef = at::where(valid, coef, std::numeric_limits<double>::quiet_NaN());
+  if (grad_sample.defined()) coef = coef + grad_sample.to(acc);  // NaN stays NaN
   std::vector<int64_t> shape(pred.dim(), 1);
   shape[0] = batch;
   const double scale = 2.0 * static_cast<double>(batch) / static_cast<double>(pred.numel());
@@ -123,13 +132,9 @@ class GroupedMse : public torch::autograd::Function<GroupedMse> {
       if (need_target) out[1] = grad_target;
     }
     if (need_weight) {
-      // Ids outside [0, K) occur only on CUDA (the forward then poisons every loss with NaN);
-      // they get a NaN gradient and are never used as an index.
-      const at::Tensor valid = groups.ge(0).logical_and(groups.lt(num_groups));
-      const at::Tensor per_group = grad_group / group_count.clamp_min(1).to(grad_group.scalar_type());
-      const at::Tensor grad_weight =
-          per_group.index_select(0, groups.clamp(0, num_groups - 1)) * sample_mse;
-      out[4] = at::where(valid, grad_weight, std::numeric_limits<double>::quiet_NaN())
+      out[4] = (per_sample_group_grad(grad_group, group_count, groups, num_groups,
+                                      grad_group.scalar_type()) *
+                sample_mse)
                    .to(weight.scalar_type());
     }
     return out;
