@@ -195,6 +195,10 @@ class Trainer:
             from .weighting import ContinuousUncertainty
 
             self.uncertainty = ContinuousUncertainty().to(self.device)
+            # for the log: every timestep's log-SNR and cluster, to average e^{-u} per cluster
+            self._all_log_snr = self.diffusion.snr(
+                torch.arange(self.clusters.T, device=self.device)).log()
+            self._all_groups = torch.tensor(self.clusters.labels, device=self.device)
         extra = [] if self.uncertainty is None else [
             {"params": list(self.uncertainty.parameters()), "lr": cfg.lr, "weight_decay": 0.0}]
         # what the method's backward fills: the model's parameters (and EDM2's u)
@@ -378,7 +382,7 @@ class Trainer:
         recording = self.engine.record() if self.engine is not None else _null_context()
         with recording:
             losses = self.compute_losses(x_t, t, y, target, group, weight)
-        stats = self._reduce_stats(losses.detach(), group)
+        stats = self._reduce_stats(losses.detach(), group, self._edm2_cluster_weights())
         present = [v for v in stats["cluster_losses"] if v is not None]
         if not math.isfinite(stats["loss"]) or not all(map(math.isfinite, present)):
             if self.engine is not None:
@@ -414,9 +418,20 @@ class Trainer:
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
-    def _reduce_stats(self, losses, group) -> dict:
+    @torch.no_grad()
+    def _edm2_cluster_weights(self):
+        """With weighting='edm2': the K per-cluster means of EDM2's weight e^{−u(λ_t)} over each
+        cluster's timesteps (this step's u, the same on every rank); None otherwise."""
+        if self.uncertainty is None:
+            return None
+        w = torch.exp(-self.uncertainty.log_variance(self._all_log_snr, check=False)).double()
+        counts = torch.bincount(self._all_groups, minlength=self.K)
+        return w.new_zeros(self.K).index_add(0, self._all_groups, w) / counts
+
+    def _reduce_stats(self, losses, group, edm2_weights=None) -> dict:
         """Union-batch per-cluster losses and mean loss (one all-reduce of 2K + 2 numbers, which
-        also carries the stop flag so every rank stops together)."""
+        also carries the stop flag so every rank stops together); ``edm2_weights`` (K,), equal
+        on every rank, comes back with them as ``stats["edm2_weights"]``."""
         counts = torch.bincount(group, minlength=self.K).to(torch.float64)
         stop = 1.0 if self._stop_signal is not None else 0.0
         packed = torch.cat([losses.double() * counts, counts,
@@ -424,13 +439,18 @@ class Trainer:
                             torch.zeros(1, dtype=torch.float64, device=counts.device)])
         if self.world_size > 1:
             dist.all_reduce(packed)
+        if edm2_weights is not None:
+            packed = torch.cat([packed, edm2_weights])
         packed = packed.cpu()  # the step's one read-back to the host
         sums, n = packed[:self.K], packed[self.K:2 * self.K]
         if self.world_size > 1 and packed[2 * self.K] > 0 and self._stop_signal is None:
             self._stop_signal = "SIGTERM (from another rank)"
         # a cluster without samples in the union batch has no loss: None (JSON null), not 0
         cluster = [s / c if c > 0 else None for s, c in zip(sums.tolist(), n.tolist())]
-        return {"loss": float(sums.sum() / n.sum()), "cluster_losses": cluster}
+        stats = {"loss": float(sums.sum() / n.sum()), "cluster_losses": cluster}
+        if edm2_weights is not None:
+            stats["edm2_weights"] = packed[2 * self.K + 2:].tolist()
+        return stats
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -559,7 +579,8 @@ class _null_context:
 
 def _postfix(stats: dict) -> str:
     losses = " ".join("–" if v is None else f"{v:.3g}" for v in stats["cluster_losses"])
-    weights = " ".join(f"{v:.3g}" for v in stats["weights"])
+    key = "edm2_weights" if "edm2_weights" in stats else "weights"
+    weights = " ".join(f"{v:.3g}" for v in stats[key])
     return f"loss={stats['loss']:.4g} L_k=[{losses}] w=[{weights}]"
 
 

@@ -153,9 +153,10 @@ def _pyplot():
 
 
 def plot_training_curves(metrics_path, out_dir) -> dict:
-    """From a metrics JSONL log write ``cluster_losses.png`` (per-cluster loss over steps) and
-    ``task_weights.png`` (MTL task weights over steps) into ``out_dir``. Returns
-    ``{name: path}``; empty without matplotlib or without records."""
+    """From a metrics JSONL log write ``cluster_losses.png`` (per-cluster loss over steps),
+    ``task_weights.png`` (MTL task weights over steps) and, for a weighting='edm2' run,
+    ``edm2_weights.png`` (per-cluster mean of EDM2's learned e^{−u}) into ``out_dir``. Returns
+    ``{key: path}``; empty without matplotlib or without records."""
     records = [r for r in read_metrics(metrics_path) if "cluster_losses" in r]
     if not records or not has_matplotlib():
         return {}
@@ -164,8 +165,12 @@ def plot_training_curves(metrics_path, out_dir) -> dict:
     steps = np.array([r["step"] for r in records])
     out_dir = Path(out_dir)
     written = {}
-    for key, name, ylabel, log in (("cluster_losses", "cluster_losses.png", "loss", True),
-                                   ("weights", "task_weights.png", "task weight", True)):
+    panels = [("cluster_losses", "cluster_losses.png", "loss", "per-cluster training loss"),
+              ("weights", "task_weights.png", "task weight", "MTL task weights")]
+    if "edm2_weights" in records[0]:
+        panels.append(("edm2_weights", "edm2_weights.png", "mean e^{-u} over the cluster",
+                       "EDM2 learned weights"))
+    for key, name, ylabel, title in panels:
         values = np.array([[np.nan if v is None else v for v in r[key]] for r in records],
                           dtype=np.float64)  # null: a cluster without samples in that step
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -175,12 +180,11 @@ def plot_training_curves(metrics_path, out_dir) -> dict:
             ax.plot(steps, [r["loss"] for r in records], color="k", lw=1.5, ls="--",
                     label="mean")
         shown = values[~np.isnan(values)]
-        if log and shown.size and np.all(shown > 0) and shown.max() > 20 * shown.min():
+        if shown.size and np.all(shown > 0) and shown.max() > 20 * shown.min():
             ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        ax.set_title("per-cluster training loss" if key == "cluster_losses"
-                     else "MTL task weights")
+        ax.set_title(title)
         ax.legend(fontsize=7, ncol=3)
         fig.tight_layout()
         path = out_dir / name

@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +103,15 @@ def test_edm2_weighting_matches_its_formula_and_learns(tmp_path):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     before = [p.detach().clone() for p in trainer.uncertainty.parameters()]
     for _ in range(3):
-        trainer.train_step()
+        # logged: each cluster's mean of e^{−u(λ_t)} over its timesteps, with this step's u
+        with torch.no_grad():
+            every_t = torch.arange(trainer.clusters.T)
+            ac = trainer.diffusion.alphas_cumprod[every_t].double()
+            w = torch.exp(-trainer.uncertainty.log_variance((ac / (1 - ac)).log().float()))
+        want = [float(w[s:e].double().mean()) for s, e in trainer.clusters.bounds]
+        stats = trainer.train_step()
+        assert stats["edm2_weights"] == pytest.approx(want, rel=1e-6)
+        assert max(want) > 1.5 * min(want)  # u differs across clusters: the test can fail
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.uncertainty.parameters()))
     path = trainer.save_checkpoint()
     saved = ckpt.load_checkpoint(path)["uncertainty"]
@@ -323,9 +332,13 @@ def test_resume_is_exact(tmp_path, overrides):
     # the metrics log of the resumed run continues where the checkpoint stopped
     steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
-    losses_a = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
-    losses_b = [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
-    assert losses_a == losses_b
+    logged = "edm2_weights" if overrides.get("weighting") == "edm2" else "weights"
+    for key in ("loss", logged):
+        a = [r[key] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+        b = [r[key] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
+        assert a == b and len(a) == 6, key
+    if has_matplotlib() and logged == "edm2_weights":
+        assert Path(resumed["files"]["edm2_weights"]).is_file()
 
 
 def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):
