@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ant_core import checkpoint as ckpt
-from ant_core.cli import _TRAIN_FIELDS, main
+from ant_core.cli import main
+from ant_core.cli.train import TRAIN_FIELDS
 from ant_core.diffusion import GaussianDiffusion
 from ant_core.models import create_model
 from ant_core.trainer import TrainConfig
@@ -36,7 +37,7 @@ def run_cli(*args, **kwargs):
 
 def test_flag_table_covers_every_config_field():
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"out"}
-    assert {name for name, _, _ in _TRAIN_FIELDS} == fields
+    assert {name for name, _, _ in TRAIN_FIELDS} == fields
 
 
 @pytest.fixture(scope="module")
