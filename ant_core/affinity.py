@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_int
 from .checkpoint import atomic_write, list_checkpoints, load_checkpoint, load_model
 from .sketch import CountSketch
 from .train_config import require_available
@@ -53,16 +54,10 @@ __all__ = ["estimate_affinity", "AffinityResult", "timestep_grid",
            "diffusion_loss", "expand_grid"]
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def timestep_grid(T: int, M: int):
     """(lo, hi) int64 arrays of the M bins ``[floor(m T / M), floor((m + 1) T / M))``."""
-    T = _check_int("T", T, 1)
-    M = _check_int("M", M, 1)
+    T = check_int("T", T, 1)
+    M = check_int("M", M, 1)
     if M > T:
         raise ValueError(f"M must be <= T={T}, got M={M}")
     edges = (np.arange(M + 1, dtype=np.int64) * T) // M
@@ -173,7 +168,7 @@ def _batches(data, batches, batch_size, seed, device):
             data, (list, tuple, torch.Tensor)):
         if len(data) == 0:
             raise ValueError("data: the dataset is empty")
-        data = make_loader(data, _check_int("batch_size", batch_size, 1), seed=seed)
+        data = make_loader(data, check_int("batch_size", batch_size, 1), seed=seed)
     out = []
     for item in data:
         if len(out) == batches:
@@ -266,18 +261,18 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         if diffusion is None:
             raise ValueError("T: pass T (or a diffusion) when a custom loss_fn is used")
         T = diffusion.T
-    T = _check_int("T", T, 1)
+    T = check_int("T", T, 1)
     if diffusion is not None and loss_fn is None and T != diffusion.T:
         raise ValueError(f"T={T} does not match the diffusion's T={diffusion.T}")
     M = min(T, 100) if M is None else M
     lo, hi = timestep_grid(T, M)
-    d = _check_int("d", d, 1)
-    batches = _check_int("batches", batches, 1)
+    d = check_int("d", d, 1)
+    batches = check_int("batches", batches, 1)
     if timesteps not in ("center", "random"):
         raise ValueError(f"timesteps must be 'center' or 'random', got {timesteps!r}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0)
     base = None
     if loss_fn is None:
         if diffusion is None:
@@ -386,7 +381,7 @@ def _timesteps_per_pass(value, loss_fn, M, batch_size, numel, device):
         if loss_fn is not None or device.type == "cpu":
             return 1
         return max(1, min(M, 256 // batch_size, (1 << 30) // (4 * numel)))
-    value = _check_int("timesteps_per_pass", value, 1)
+    value = check_int("timesteps_per_pass", value, 1)
     if value > 1 and loss_fn is not None:
         raise ValueError("timesteps_per_pass > 1 needs the default loss (a custom loss_fn "
                          "returns one scalar per batch); use 1 or 'auto'")

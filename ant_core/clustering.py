@@ -14,6 +14,7 @@ import numpy as np
 
 from . import schedules as _schedules
 from ._extension import load as _load_extension
+from .checks import check_int
 
 __all__ = ["IntervalClusters", "interval_clustering", "interval_clustering_batched", "OBJECTIVES"]
 
@@ -140,16 +141,6 @@ class IntervalClusters:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_int(name, value, minimum=None, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _float_array(name, value, ndim):
     try:
         arr = np.ascontiguousarray(_schedules._to_numpy(value, name), dtype=np.float64)
@@ -191,7 +182,7 @@ def _series_for(objective, schedule, T):
     """The 1-D series that the timestep / snr / log_snr objectives measure deviations of."""
     if objective == "timestep":
         if T is not None:
-            T = _check_int("T", T, minimum=1)
+            T = check_int("T", T, 1)
         if schedule is not None and not isinstance(schedule, str):  # T from the schedule
             T = _schedules.get_schedule(schedule, T).T
         return np.arange(1000 if T is None else T, dtype=np.float64)
@@ -246,9 +237,9 @@ def interval_clustering(
     be ordered differently by the two methods. Finite input whose costs overflow float64 is a
     ``ValueError``.
     """
-    k = _check_int("k", k, minimum=1)
-    min_size = _check_int("min_size", min_size, minimum=1)
-    max_size = _check_int("max_size", max_size, minimum=1, allow_none=True)
+    k = check_int("k", k, 1)
+    min_size = check_int("min_size", min_size, 1)
+    max_size = None if max_size is None else check_int("max_size", max_size, 1)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     objective = _resolve_objective(objective, values, affinity, cost_matrix)
@@ -257,7 +248,7 @@ def interval_clustering(
     if objective in ("timestep", "snr", "log_snr", "abs", "sse"):
         if objective in ("abs", "sse"):
             series = _float_array("values", values, 1)
-            if T is not None and _check_int("T", T, minimum=1) != series.size:
+            if T is not None and check_int("T", T, 1) != series.size:
                 raise ValueError(f"T={T} does not match len(values)={series.size}")
         else:
             series = _series_for(objective, schedule, T)
@@ -277,7 +268,7 @@ def interval_clustering(
             centre = {"affinity": "middle", "affinity_medoid": "medoid", "affinity_average": "average"}
             matrix = dp.affinity_cost_matrix(_float_array("affinity", affinity, 2), centre[objective])
         n = matrix.shape[0]
-        if T is not None and _check_int("T", T, minimum=1) != n:
+        if T is not None and check_int("T", T, 1) != n:
             raise ValueError(f"T={T} does not match the matrix size {n}")
         monge_ok = method != "exact" and dp.is_monge(matrix)
 
@@ -328,9 +319,9 @@ def interval_clustering_batched(
 
     from ._extension import torch_ops
 
-    k = _check_int("k", k, minimum=1)
-    min_size = _check_int("min_size", min_size, minimum=1)
-    max_size = _check_int("max_size", max_size, minimum=1, allow_none=True)
+    k = check_int("k", k, 1)
+    min_size = check_int("min_size", min_size, 1)
+    max_size = None if max_size is None else check_int("max_size", max_size, 1)
     if (cost_matrices is None) == (affinity is None):
         raise ValueError("pass exactly one of cost_matrices, affinity")
     name = "cost_matrices" if affinity is None else "affinity"

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = [
     "ImageDataset", "ProceduralShapes", "SHAPE_KINDS", "load_image_folder", "load_array",
     "load_digits", "get_dataset", "make_loader", "InfiniteLoader",
@@ -24,14 +26,6 @@ __all__ = [
 SHAPE_KINDS = ("circle", "square", "triangle", "stripes", "ring")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _CHUNK = 512  # images per independently seeded generation chunk
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -155,10 +149,11 @@ class ProceduralShapes(ImageDataset):
 
     def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0,
                  num_classes: int | None = None):
-        num_images = _check_int("num_images", num_images)
-        image_size = _check_int("image_size", image_size, 4)
-        seed = _check_int("seed", seed, 0)
-        kinds = _check_int("num_classes", len(SHAPE_KINDS) if num_classes is None else num_classes)
+        num_images = check_int("num_images", num_images, 1)
+        image_size = check_int("image_size", image_size, 4)
+        seed = check_int("seed", seed, 0)
+        kinds = check_int("num_classes",
+                          len(SHAPE_KINDS) if num_classes is None else num_classes, 1)
         if kinds > len(SHAPE_KINDS):
             raise ValueError(f"num_classes must be <= {len(SHAPE_KINDS)}, got {kinds}")
         images = np.empty((num_images, 3, image_size, image_size), dtype=np.float32)
@@ -198,7 +193,7 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
     root = _require_path(path)
     if not root.is_dir():
         raise ValueError(f"path={str(path)!r} is not a directory")
-    image_size = _check_int("image_size", image_size)
+    image_size = check_int("image_size", image_size, 1)
     files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
                    and f.is_file())
     if not files:
@@ -309,7 +304,7 @@ def load_array(path, value_range="auto", layout: str = "auto",
                          f"data range [{low}, {high}]")
     scaled = (data - lo) * (2 / (hi - lo)) - 1  # in range by the check above, up to rounding
     images = torch.from_numpy(np.clip(scaled, -1, 1).astype(np.float32))
-    if image_size is not None and _check_int("image_size", image_size) != images.shape[-1]:
+    if image_size is not None and check_int("image_size", image_size, 1) != images.shape[-1]:
         images = torch.nn.functional.interpolate(images, size=(image_size, image_size),
                                                  mode="bilinear", antialias=True).clamp(-1, 1)
     if labels is None:
@@ -329,7 +324,7 @@ def load_digits(image_size: int = 8) -> ImageDataset:
     Images are 1-channel, scaled from [0, 16] to [-1, 1] and bilinearly resized to
     ``image_size`` (e.g. 16). Needs scikit-learn (``pip install scikit-learn``).
     """
-    image_size = _check_int("image_size", image_size)
+    image_size = check_int("image_size", image_size, 1)
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
@@ -377,10 +372,10 @@ class InfiniteLoader:
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, device=None):
-        self.batch_size = _check_int("batch_size", batch_size)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size)
-        self.rank = _check_int("rank", rank, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
         if len(dataset) == 0:

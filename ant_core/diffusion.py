@@ -13,6 +13,7 @@ import numbers
 import numpy as np
 import torch
 
+from .checks import check_int
 from .schedules import NoiseSchedule, get_schedule
 
 __all__ = ["GaussianDiffusion", "PREDICTIONS"]
@@ -169,8 +170,7 @@ class GaussianDiffusion:
         unconditionally, s = 1 (default) conditionally without guidance. The null label must
         have been trained (``TrainConfig.label_dropout`` > 0)."""
         steps = min(50, self.T) if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be an int in [1, {self.T}], got {steps!r}")
+        steps = check_int("steps", steps, 1, self.T)
         if not 0 <= eta <= 1:  # also refuses NaN
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         if device is None:  # the model's device, else the CPU

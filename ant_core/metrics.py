@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
+
 __all__ = [
     "frechet_distance", "frechet_distance_from_features", "precision_recall", "PixelFeatures",
     "RandomConvFeatures", "evaluate",
@@ -152,12 +154,10 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"real_features and fake_features must have the same feature "
                          f"dimension, got {real.shape[1]} and {fake.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = check_int("k", k, 1)
     if real.shape[1] < 1:
         raise ValueError("real_features and fake_features need at least one feature dimension")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = check_int("chunk", chunk, 1)
     if k >= min(real.shape[0], fake.shape[0]):
         raise ValueError(f"k={k} must be smaller than the number of real ({real.shape[0]}) and "
                          f"fake ({fake.shape[0]}) samples")
@@ -186,10 +186,7 @@ class PixelFeatures(nn.Module):
 
     def __init__(self, pool_size: int | None = None):
         super().__init__()
-        if pool_size is not None and (isinstance(pool_size, bool) or not isinstance(pool_size, int)
-                                      or pool_size < 1):
-            raise ValueError(f"pool_size must be None or a positive int, got {pool_size!r}")
-        self.pool_size = pool_size
+        self.pool_size = None if pool_size is None else check_int("pool_size", pool_size, 1)
 
     def output_dim(self, channels: int, image_size: int) -> int:
         """Feature dimension for images of ``channels`` x ``image_size`` x ``image_size``."""
@@ -221,13 +218,11 @@ class RandomConvFeatures(nn.Module):
     def __init__(self, seed: int = 0, in_channels: int = 3, widths=(32, 64, 128),
                  batch_size: int = 256):
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        widths = tuple(widths)
-        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"widths must be positive ints, got {widths}")
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        seed = check_int("seed", seed)
+        widths = tuple(check_int("widths entries", w, 1) for w in widths)
+        if not widths:
+            raise ValueError("widths must be a non-empty sequence of ints >= 1")
+        in_channels = check_int("in_channels", in_channels, 1)
         self.seed, self.in_channels, self.widths, self.batch_size = seed, in_channels, widths, \
             batch_size
         generator = torch.Generator().manual_seed(seed)

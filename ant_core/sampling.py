@@ -28,15 +28,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["StratifiedSampler", "UniformSampler", "NoiseLevelGroups", "group_counts"]
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _distributed_rank_and_size(rank, world_size):
@@ -46,8 +40,8 @@ def _distributed_rank_and_size(rank, world_size):
         world_size = dist.get_world_size() if initialised else 1
     if rank is None:
         rank = dist.get_rank() if initialised else 0
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
+    world_size = check_int("world_size", world_size, 1)
+    rank = check_int("rank", rank, 0)
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
     return rank, world_size
@@ -87,7 +81,7 @@ class _ClusterSampler:
         else:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,)).item())
-            seed = _check_int("seed", seed, 0)
+            seed = check_int("seed", seed, 0)
             self.seed = seed
             # Combine seed and rank into independent streams (SeedSequence spawn semantics).
             state = np.random.SeedSequence([seed, self.rank]).generate_state(2, np.uint32)
@@ -142,7 +136,7 @@ class StratifiedSampler(_ClusterSampler):
 
     def counts(self, batch_size: int) -> torch.Tensor:
         """The per-cluster counts the next :meth:`sample` call will use (does not advance)."""
-        batch_size = _check_int("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         k = self.num_groups
         base, remainder = divmod(batch_size, k)
         counts = torch.full((k,), base, dtype=torch.long)
@@ -178,7 +172,7 @@ class UniformSampler(_ClusterSampler):
 
     def sample(self, batch_size: int, device=None):
         """Draw ``(t, group)``: two LongTensors of shape (batch_size,)."""
-        batch_size = _check_int("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         t = torch.randint(0, self.T, (batch_size,), generator=self.generator)
         return self._finish(t, self._labels[t], device)
 

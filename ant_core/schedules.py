@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from .checks import check_int
+
 __all__ = [
     "NoiseSchedule",
     "SCHEDULES",
@@ -97,14 +99,6 @@ class NoiseSchedule:
         return f"NoiseSchedule(name={self.name!r}, T={self.T})"
 
 
-def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)):
-        raise TypeError(f"T must be an int, got {type(T).__name__}")
-    if T < 1:
-        raise ValueError(f"T must be >= 1, got {T}")
-    return int(T)
-
-
 def from_betas(betas, name: str = "custom") -> NoiseSchedule:
     b = _to_numpy(betas, "betas")
     if b.ndim != 1 or b.size == 0:
@@ -116,13 +110,13 @@ def from_betas(betas, name: str = "custom") -> NoiseSchedule:
 
 def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
     """DDPM (Ho et al. 2020): betas linear from beta_start to beta_end."""
-    T = _check_T(T)
+    T = check_int("T", T, 1)
     return from_betas(np.linspace(beta_start, beta_end, T, dtype=np.float64), name="linear")
 
 
 def scaled_linear(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
     """Stable Diffusion / LDM: sqrt(beta) linear (diffusers' 'scaled_linear')."""
-    T = _check_T(T)
+    T = check_int("T", T, 1)
     betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=np.float64) ** 2
     return from_betas(betas, name="scaled_linear")
 
@@ -130,7 +124,7 @@ def scaled_linear(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 
 def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
     """Improved DDPM (Nichol & Dhariwal 2021): alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2),
     betas clipped at max_beta."""
-    T = _check_T(T)
+    T = check_int("T", T, 1)
 
     def f(u):
         return np.cos((u + s) / (1.0 + s) * math.pi / 2) ** 2
@@ -144,7 +138,7 @@ def log_snr_grid(T: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.
     """A continuous-time schedule discretised on T points, uniform in log-SNR from
     log(1 / sigma_min^2) (t = 0) down to log(1 / sigma_max^2) (t = T - 1); the EDM defaults.
     As a variance-preserving schedule: alpha_bar = sigmoid(log-SNR)."""
-    T = _check_T(T)
+    T = check_int("T", T, 1)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     lam = np.linspace(-2 * math.log(sigma_min), -2 * math.log(sigma_max), T)
@@ -186,6 +180,6 @@ def get_schedule(schedule="linear", T: int | None = None) -> NoiseSchedule:
         result = from_scheduler(schedule)
     else:
         result = from_alphas_cumprod(schedule)
-    if T is not None and _check_T(T) != result.T:
+    if T is not None and check_int("T", T, 1) != result.T:
         raise ValueError(f"T={T} does not match the schedule's length {result.T}")
     return result

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["CountSketch"]
 
 _PRIME = 2**31 - 1
@@ -40,8 +42,7 @@ class CountSketch:
     """
 
     def __init__(self, numels, d: int, seed: int = 0, chunk: int = 1 << 20, cache: bool = True):
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-            raise ValueError(f"d must be an int >= 1, got {d!r}")
+        d = check_int("d", d, 1)
         self.numels = [int(n) for n in numels]
         if any(n >= _PRIME for n in self.numels):
             raise ValueError("a parameter tensor has more than 2^31 - 2 elements")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_int
+
 __all__ = ["image_grid", "write_png", "save_image_grid", "read_metrics", "plot_training_curves",
            "plot_clusters", "plot_affinity", "has_matplotlib", "check_plot_path"]
 
@@ -31,17 +33,14 @@ def image_grid(images, nrow: int | None = None, padding: int = 1, scale: int = 1
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got {images.shape}")
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    scale = check_int("scale", scale, 1)
     if scale > 1:
         images = images.repeat(scale, axis=2).repeat(scale, axis=3)
     n, c, h, w = images.shape
     if c not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {c}")
-    for name, value, low in (("nrow", nrow, 1), ("padding", padding, 0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < low):
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    nrow = None if nrow is None else check_int("nrow", nrow, 1)
+    padding = check_int("padding", padding, 0)
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
     pixels = np.round((np.clip(np.nan_to_num(images), -1, 1) + 1) * 127.5).astype(np.uint8)

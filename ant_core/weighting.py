@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from .checks import check_int
+
 __all__ = ["min_snr_weight", "p2_weight", "ContinuousUncertainty"]
 
 _TARGETS = ("eps", "v", "x0")
@@ -81,10 +83,8 @@ class ContinuousUncertainty(nn.Module):
     def __init__(self, num_features: int = 64, hidden: int = 0, input_scale: float = 0.25,
                  seed: int = 0):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be an int >= 1, got {num_features}")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
-            raise ValueError(f"hidden must be an int >= 0, got {hidden}")
+        num_features = check_int("num_features", num_features, 1)
+        hidden = check_int("hidden", hidden, 0)
         gen = torch.Generator().manual_seed(seed)
         self.input_scale = float(input_scale)
         self.register_buffer("frequencies", torch.randn(num_features, generator=gen))

@@ -567,9 +567,10 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path):
 def test_image_grid_arguments():
     images = torch.zeros(3, 1, 2, 2)
     assert image_grid(images, nrow=3, padding=0).shape == (2, 6, 1)
-    for kwargs, name in (({"nrow": 0}, "nrow"), ({"nrow": -1}, "nrow"), ({"nrow": 2.5}, "nrow"),
-                         ({"padding": -1}, "padding")):
-        with pytest.raises(ValueError, match=name):
+    for kwargs, error in (({"nrow": 0}, ValueError), ({"nrow": -1}, ValueError),
+                          ({"nrow": 2.5}, TypeError), ({"padding": -1}, ValueError),
+                          ({"scale": True}, TypeError)):
+        with pytest.raises(error, match=next(iter(kwargs))):
             image_grid(images, **kwargs)
 
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int
 from .layers import (LabelEmbedder, TimestepEmbedder, check_bool, check_positive_float,
-                     check_positive_int, prepare_inputs)
+                     prepare_inputs)
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
 
@@ -98,16 +99,16 @@ class DiT(nn.Module):
                  mlp_ratio: float = 4.0, num_classes: int | None = None,
                  learn_pos_embed: bool = False, time_scale: float = 1.0):
         super().__init__()
-        check_positive_int("image_size", image_size)
-        check_positive_int("in_channels", in_channels)
+        check_int("image_size", image_size, 1)
+        check_int("in_channels", in_channels, 1)
         out_channels = in_channels if out_channels is None else out_channels
-        check_positive_int("out_channels", out_channels)
-        check_positive_int("patch_size", patch_size)
-        check_positive_int("hidden_size", hidden_size)
-        check_positive_int("depth", depth)
-        check_positive_int("num_heads", num_heads)
+        check_int("out_channels", out_channels, 1)
+        check_int("patch_size", patch_size, 1)
+        check_int("hidden_size", hidden_size, 1)
+        check_int("depth", depth, 1)
+        check_int("num_heads", num_heads, 1)
         if num_classes is not None:
-            check_positive_int("num_classes", num_classes)
+            check_int("num_classes", num_classes, 1)
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be divisible by "
                              f"patch_size={patch_size}")

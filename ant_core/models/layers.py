@@ -10,30 +10,22 @@ import math
 import torch
 from torch import nn
 
+from ..checks import check_int
+
 __all__ = [
     "timestep_embedding",
     "TimestepEmbedder",
     "LabelEmbedder",
     "zero_module",
-    "check_positive_int",
     "prepare_inputs",
 ]
-
-
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` as an int, or raise TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def check_int_sequence(name: str, value) -> tuple:
     """``value`` as a tuple of positive ints (a list/tuple, not a bare int), naming ``name``."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
-    return tuple(check_positive_int(f"{name} entries", v) for v in value)
+    return tuple(check_int(f"{name} entries", v, 1) for v in value)
 
 
 def check_bool(name: str, value) -> bool:

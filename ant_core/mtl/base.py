@@ -41,6 +41,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..checks import check_int
 from . import distributed
 
 __all__ = ["MTLMethod", "create", "available", "register"]
@@ -122,11 +123,7 @@ class MTLMethod(nn.Module):
 
     def __init__(self, num_tasks: int, *, process_group=None):
         super().__init__()
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
-            raise TypeError(f"num_tasks must be an int, got {type(num_tasks).__name__}")
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        self.num_tasks = num_tasks
+        self.num_tasks = check_int("num_tasks", num_tasks, 1)
         self.process_group = process_group
 
     # ----------------------------------------------------------------- argument handling

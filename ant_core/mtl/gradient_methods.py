@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..checks import check_int
 from . import distributed, gradient_solvers
 from .base import MTLMethod, _add_grad, register, warn_non_finite
 from .engines import resolve_engine
@@ -223,10 +224,7 @@ class NashMTL(_GradientMethod):
                  on_failure: str = "raise", max_iter: int = 100, engine="autograd",
                  process_group=None):
         super().__init__(num_tasks, engine=engine, process_group=process_group)
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
-                or update_weights_every < 1:
-            raise ValueError("update_weights_every must be an int >= 1, "
-                             f"got {update_weights_every}")
+        update_weights_every = check_int("update_weights_every", update_weights_every, 1)
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"max_norm must be > 0 or None, got {max_norm}")
         if on_failure not in ("raise", "warn"):

@@ -1,0 +1,16 @@
+"""Argument checks shared by the modules (no torch import: ``ant_core.clustering`` uses them)."""
+import numbers
+
+__all__ = ["check_int"]
+
+
+def check_int(name: str, value, minimum=None, maximum=None) -> int:
+    """``value`` as an ``int``: a Python or numpy integer, not a bool (TypeError otherwise), in
+    ``[minimum, maximum]`` where given (ValueError otherwise); both errors name ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bound = (f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                 else f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)

@@ -1,0 +1,34 @@
+"""The one integer-argument check (ant_core.checks.check_int) every module uses."""
+import numpy as np
+import pytest
+
+from ant_core.checks import check_int
+
+
+@pytest.mark.parametrize("value", [0, 7, -3, np.int64(5), np.int32(-2), np.uint8(9)])
+def test_integers_come_back_as_int(value):
+    got = check_int("n", value)
+    assert type(got) is int and got == int(value)
+
+
+@pytest.mark.parametrize("value", [True, False, 2.0, np.float64(3), "4", None, [1], 1 + 0j])
+def test_non_integers_are_a_type_error_naming_the_argument(value):
+    with pytest.raises(TypeError, match=r"^batch_size must be an int, got "):
+        check_int("batch_size", value, 1)
+
+
+@pytest.mark.parametrize("value, low, high, message", [
+    (0, 1, None, "k must be >= 1, got 0"),
+    (np.int64(-1), 0, None, "k must be >= 0, got -1"),
+    (11, 1, 10, r"k must be in \[1, 10\], got 11"),
+    (0, 1, 10, r"k must be in \[1, 10\], got 0"),
+    (6, None, 5, "k must be <= 5, got 6"),
+])
+def test_out_of_range_is_a_value_error_with_the_bounds(value, low, high, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        check_int("k", value, low, high)
+
+
+def test_bounds_are_inclusive():
+    assert check_int("k", 1, 1, 1) == 1
+    assert check_int("k", 10, None, 10) == 10
