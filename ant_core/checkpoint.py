@@ -137,6 +137,41 @@ def prune_checkpoints(directory, keep: int) -> list:
 # --------------------------------------------------------------------------- RNG state
 
 
+def load_resume_checkpoint(resume, directory, config):
+    """The checkpoint a run with ``config`` resumes from, loaded and checked: None for ``resume``
+    None / False, the newest in ``directory`` for True, else the file ``resume``. ValueError when
+    it is missing, when ``directory`` holds later checkpoints (another continuation), when a
+    config field outside ``RESUME_MUTABLE`` differs, or when it leaves no steps to train.
+    The state's ``"_path"`` is the file read."""
+    from .train_config import RESUME_MUTABLE, TrainConfig, jsonable
+
+    if resume is None or resume is False:
+        return None
+    directory = Path(directory)
+    path = latest_checkpoint(directory) if resume is True else Path(resume)
+    if path is None:
+        raise ValueError(f"resume: no checkpoint in {directory}")
+    state = load_checkpoint(path)
+    later = [p.name for p in list_checkpoints(directory) if checkpoint_step(p) > state["step"]]
+    if later:  # pruning would rank them above the new branch and delete its checkpoints
+        raise ValueError(
+            f"resume: {directory} holds checkpoints after step {state['step']} of {path} "
+            f"({', '.join(later)}): they belong to another continuation; move or delete them "
+            "first (nothing was deleted)")
+    # a field added after the checkpoint was written has the default that reproduces it
+    saved = {**TrainConfig().to_dict(), **state["config"]}
+    changed = sorted(k for k, v in config.to_dict().items()
+                     if k not in RESUME_MUTABLE and jsonable(saved.get(k)) != jsonable(v))
+    if changed:
+        raise ValueError(f"resume: config field(s) {changed} differ from the checkpoint "
+                         f"{path} (only {list(RESUME_MUTABLE)} may change)")
+    if state["step"] >= config.steps:
+        raise ValueError(f"resume: checkpoint {path} is at step {state['step']}; "
+                         f"steps={config.steps} leaves nothing to do")
+    state["_path"] = str(path)
+    return state
+
+
 def capture_rng_state() -> dict:
     """torch (CPU and every CUDA device), numpy-global and python ``random`` states as tensors
     and plain Python values (loadable with weights_only=True)."""

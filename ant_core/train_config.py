@@ -249,3 +249,12 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     require_available(device)
     return device
+
+
+def jsonable(value):
+    """Tuples -> lists recursively (so configs compare and serialise the same everywhere)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

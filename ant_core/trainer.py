@@ -8,6 +8,7 @@ One :class:`TrainConfig` (from CLI flags or a JSON/YAML file) and one loop (:cla
     weights  = method.backward(losses, model.parameters())   # UW / PCGrad / Nash-MTL / ...
     clip, optimizer.step(), FAMO's update(), EMA update
 
+The parts (data, model, clusters, EMA, process group) come from :mod:`ant_core.training_setup`.
 Everything a run needs to continue exactly lives in its checkpoints (see
 :mod:`ant_core.checkpoint`); ``method="vanilla"`` (or ``k=1``) is plain diffusion training.
 DDP: run under ``torchrun``; the MTL methods all-reduce the gradients themselves, so the bare
@@ -15,10 +16,8 @@ model is used, its parameters broadcast from rank 0 once.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -30,98 +29,16 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import mtl
-from .clustering import IntervalClusters, interval_clustering
+from .clustering import IntervalClusters
 from .diffusion import GaussianDiffusion
 from .sampling import StratifiedSampler, UniformSampler
 from .train_config import (GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError,
-                           resolve_device)
+                           jsonable)
+from .training_setup import (EMA, build_clusters, build_dataset, build_model, build_model_config,
+                             distributed_setup)
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "EMA", "train", "RESUME_MUTABLE",
            "build_model", "GRADIENT_METHODS"]
-
-
-def build_dataset(config: TrainConfig):
-    """The training dataset of ``config`` (ValueError for a missing path)."""
-    from .data import get_dataset
-
-    name = config.data
-    if name.lower() == "shapes":
-        return get_dataset("shapes", num_images=config.num_images, image_size=config.image_size,
-                           seed=config.data_seed)
-    if name.lower() == "digits" or Path(name).is_dir():
-        return get_dataset(name, image_size=config.image_size)
-    if not Path(name).exists():
-        raise ValueError(f"data={name!r} is not 'shapes', 'digits' or an existing path")
-    return get_dataset(name)
-
-
-def build_model(kind: str, config: dict):
-    from .models import create_model
-
-    return create_model(kind, **config)
-
-
-def build_clusters(config: TrainConfig) -> IntervalClusters:
-    if config.num_clusters == 1:
-        return IntervalClusters.uniform(config.T, 1)
-    kwargs = {}
-    if config.affinity is not None:
-        try:
-            kwargs["affinity"] = np.load(config.affinity, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"affinity: could not read {config.affinity}: {exc}") from None
-    else:
-        kwargs["schedule"] = config.schedule
-    return interval_clustering(config.k, config.objective, T=config.T, **kwargs)
-
-
-class EMA:
-    """Exponential moving average of a model's parameters (buffers copied), updated every step
-    with decay ``min(decay, (1 + n) / (10 + n))`` after n updates."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = float(decay)
-        self.num_updates = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.num_updates += 1
-        n = self.num_updates
-        decay = min(self.decay, (1 + n) / (10 + n))
-        # one multi-tensor lerp for all parameters (a launch per parameter on a GPU otherwise)
-        torch._foreach_lerp_(list(self.model.parameters()),
-                             [p.detach() for p in model.parameters()], 1.0 - decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.num_updates = int(state["num_updates"])
-
-
-def _distributed_setup(device_pref: str):
-    """(rank, world_size, local_rank, device, created_group) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = resolve_device(device_pref).startswith("cuda")
-    created = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-        created = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if use_cuda:
-        index = local_rank if world > 1 or device_pref in ("auto", "cuda") else \
-            torch.device(device_pref).index or 0
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device, created
 
 
 class Trainer:
@@ -139,13 +56,13 @@ class Trainer:
         self.config = cfg = config.validate()
         self.out = Path(cfg.out)
         self.checkpoint_dir = self.out / "checkpoints"
-        resume_state = self._load_resume(resume)
+        resume_state = ckpt.load_resume_checkpoint(resume, self.checkpoint_dir, self.config)
         if resume_state is None and ckpt.list_checkpoints(self.checkpoint_dir):
             raise ValueError(f"out={cfg.out!r} already holds checkpoints of a run; resume it "
                              "(resume=True / --resume) or choose another out folder")
         self.dataset = build_dataset(cfg)
         self.rank, self.world_size, self.device, self._created_group = \
-            _distributed_setup(cfg.device)
+            distributed_setup(cfg.device)
         self.is_main = self.rank == 0
         self.clusters = build_clusters(cfg)
         if resume_state is not None and \
@@ -158,18 +75,7 @@ class Trainer:
         self.diffusion = GaussianDiffusion(cfg.schedule, cfg.T, cfg.prediction)
 
         torch.manual_seed(cfg.seed)
-        num_classes = self.dataset.num_classes if cfg.class_conditional else None
-        if cfg.class_conditional and not num_classes:
-            raise ValueError(f"class_conditional=True but data={cfg.data!r} has no labels")
-        self.model_config = {"image_size": self.dataset.image_size,
-                             "in_channels": self.dataset.channels, "num_classes": num_classes}
-        for key, value in cfg.model_config.items():
-            if key in self.model_config and value != self.model_config[key]:
-                raise ValueError(
-                    f"model_config[{key!r}]={value!r} contradicts the data and config "
-                    f"({key}={self.model_config[key]!r}, from data / class_conditional); "
-                    "remove it from model_config")
-        self.model_config.update(cfg.model_config)
+        self.model_config = build_model_config(cfg, self.dataset)
         self.model = build_model(cfg.model, self.model_config).to(self.device)
         if self.world_size > 1:  # the MTL methods all-reduce gradients: bare model, same init
             with torch.no_grad():
@@ -237,33 +143,6 @@ class Trainer:
                     f"({type(exc).__name__}: {exc})") from None
 
     # ------------------------------------------------------------------ resume
-    def _load_resume(self, resume):
-        if resume is None or resume is False:
-            return None
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if resume is True else Path(resume)
-        if path is None:
-            raise ValueError(f"resume: no checkpoint in {self.checkpoint_dir}")
-        state = ckpt.load_checkpoint(path)
-        later = [p.name for p in ckpt.list_checkpoints(self.checkpoint_dir)
-                 if ckpt.checkpoint_step(p) > state["step"]]
-        if later:  # pruning would rank them above the new branch and delete its checkpoints
-            raise ValueError(
-                f"resume: {self.checkpoint_dir} holds checkpoints after step {state['step']} of "
-                f"{path} ({', '.join(later)}): they belong to another continuation; move or "
-                "delete them first (nothing was deleted)")
-        # a field added after the checkpoint was written has the default that reproduces it
-        saved = {**TrainConfig().to_dict(), **state["config"]}
-        changed = sorted(k for k, v in self.config.to_dict().items()
-                         if k not in RESUME_MUTABLE and _jsonable(saved.get(k)) != _jsonable(v))
-        if changed:
-            raise ValueError(f"resume: config field(s) {changed} differ from the checkpoint "
-                             f"{path} (only {list(RESUME_MUTABLE)} may change)")
-        if state["step"] >= self.config.steps:
-            raise ValueError(f"resume: checkpoint {path} is at step {state['step']}; "
-                             f"steps={self.config.steps} leaves nothing to do")
-        state["_path"] = str(path)
-        return state
-
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -313,9 +192,9 @@ class Trainer:
         if self.is_main:
             state = {
                 "format": "ant-core-checkpoint", "version": ckpt.FORMAT_VERSION,
-                "step": self.step, "config": _jsonable(self.config.to_dict()),
-                "clusters": _jsonable(self.clusters.to_dict()),
-                "model_kind": self.config.model, "model_config": _jsonable(self.model_config),
+                "step": self.step, "config": jsonable(self.config.to_dict()),
+                "clusters": jsonable(self.clusters.to_dict()),
+                "model_kind": self.config.model, "model_config": jsonable(self.model_config),
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
                 "uncertainty": (self.uncertainty.state_dict() if self.uncertainty is not None
@@ -481,7 +360,7 @@ class Trainer:
 
     def _prepare_output(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(_jsonable(self.config.to_dict()),
+        (self.out / "config.json").write_text(json.dumps(jsonable(self.config.to_dict()),
                                                          indent=2))
         (self.out / "clusters.json").write_text(json.dumps(self.clusters.to_dict(), indent=2,
                                                                allow_nan=False))
@@ -582,12 +461,3 @@ def _postfix(stats: dict) -> str:
     key = "edm2_weights" if "edm2_weights" in stats else "weights"
     weights = " ".join(f"{v:.3g}" for v in stats[key])
     return f"loss={stats['loss']:.4g} L_k=[{losses}] w=[{weights}]"
-
-
-def _jsonable(value):
-    """Tuples -> lists recursively (so configs compare and serialise the same everywhere)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -58,7 +58,7 @@ def run(args) -> int:
     from ..affinity import _checkpoint_files, estimate_affinity
     from ..checkpoint import load_checkpoint
     from ..train_config import TrainConfig, resolve_device
-    from ..trainer import build_dataset
+    from ..training_setup import build_dataset
     from ..visualize import check_plot_path, plot_affinity
 
     if args.threads:
