@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ant_core import mtl
-from ant_core.mtl.engines import AutogradEngine, OneBackwardEngine, task_gramian
+from ant_core.mtl.engines import AutogradEngine, OneBackwardEngine
+from ant_core.mtl.task_gradients import task_gramian
 
 
 def _group_losses(per_sample, group, num_tasks):

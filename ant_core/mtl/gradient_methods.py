@@ -43,7 +43,7 @@ class _GradientMethod(MTLMethod):
 
     def task_gradients(self, losses, shared_parameters, *, task_counts=None, group=None,
                        grad_scaler=None):
-        """Union-batch per-task gradients (a :class:`~ant_core.mtl.engines.TaskGradients`)
+        """Union-batch per-task gradients (a :class:`~ant_core.mtl.task_gradients.TaskGradients`)
         and the Gramian.
 
         Gradients are loss-scaled (by the GradScaler's scale); the Gramian (float64 numpy) is
