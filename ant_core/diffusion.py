@@ -110,12 +110,12 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ samplers
 
-    def _model_step(self, model, x, t_scalar, y, guidance_scale):
+    def _model_step(self, model, x, t_scalar, y, guidance_scale, null_label):
         t = torch.full((x.shape[0],), t_scalar, device=x.device, dtype=torch.long)
         if guidance_scale == 1.0:
             out = model(x, t) if y is None else model(x, t, y)
         else:  # one call on [conditional; null label] halves
-            null = torch.full_like(y, model.num_classes)
+            null = torch.full_like(y, null_label)
             cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
                                  torch.cat([y, null])).chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
@@ -123,25 +123,28 @@ class GaussianDiffusion:
 
     @staticmethod
     def _check_guidance(model, y, guidance_scale, batch: int, device):
-        """The guidance scale as a float and, when it guides, ``y`` as a (batch,) tensor."""
+        """The guidance scale as a float, ``y`` (as a (batch,) tensor when it guides) and the
+        null label (the model's ``num_classes``; None without guidance)."""
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
                 or not 0 <= guidance_scale < float("inf"):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if guidance_scale == 1:
-            return 1.0, y
+            return 1.0, y, None
         if y is None:
             raise ValueError("guidance_scale != 1 needs class labels y (classifier-free "
                              "guidance contrasts them with the null label)")
-        num_classes = getattr(model, "num_classes", None)
+        wrapped = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+        inner = model.module if isinstance(model, wrapped) else model
+        num_classes = getattr(inner, "num_classes", None)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError("guidance_scale != 1 needs a class-conditional model with an int "
-                             "attribute num_classes (its null label; pass a DDP model's .module), "
-                             f"got num_classes={num_classes!r}")
+                             "attribute num_classes (the index of its null label), got "
+                             f"num_classes={num_classes!r}")
         y = torch.as_tensor(y, device=device)
         if y.dtype not in (torch.int32, torch.int64) or y.shape != (batch,):
             raise ValueError(f"y must be integer labels of shape ({batch},), got "
                              f"{tuple(y.shape)} {y.dtype}")
-        return float(guidance_scale), y
+        return float(guidance_scale), y, num_classes
 
     @torch.no_grad()
     def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, guidance_scale: float = 1.0,
@@ -177,7 +180,8 @@ class GaussianDiffusion:
             param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else "cpu"
         device = torch.device(device)
-        guidance_scale, y = self._check_guidance(model, y, guidance_scale, shape[0], device)
+        guidance_scale, y, null_label = self._check_guidance(model, y, guidance_scale, shape[0],
+                                                             device)
         gen = torch.Generator(device=device).manual_seed(int(seed))
         x = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float64)
         ts = np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(np.int64))[::-1]
@@ -191,7 +195,7 @@ class GaussianDiffusion:
             iterator = tqdm(iterator, desc="sampling", leave=False)
         for n in iterator:
             t = int(ts[n])
-            x0, eps = self._model_step(model, x.float(), t, y, guidance_scale)
+            x0, eps = self._model_step(model, x.float(), t, y, guidance_scale, null_label)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 eps = (x - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()

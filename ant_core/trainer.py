@@ -367,10 +367,11 @@ class Trainer:
         log = self.out / "metrics.jsonl"
         if self.step == 0:
             log.write_text("")
-        elif log.exists():  # drop records beyond the resumed step
-            from .visualize import read_metrics
+        elif log.exists():  # keep what an uninterrupted run logs up to the resumed step:
+            from .visualize import read_metrics  # not the earlier run's off-schedule last one
 
-            keep = [r for r in read_metrics(log) if r.get("step", 0) <= self.step]
+            keep = [r for r in read_metrics(log) if r.get("step", 0) < self.step or
+                    (r.get("step", 0) == self.step and self.step % self.config.log_every == 0)]
             log.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def train(self) -> dict:

@@ -188,3 +188,8 @@ def test_guidance_bad_input():
     for scale in (np.float32(2.0), np.int64(2)):
         torch.testing.assert_close(d.sample_ddim(model, (2, 1, 2, 2), steps=2, y=[0, 1],
                                                  guidance_scale=scale), want)
+    # a (Distributed)DataParallel wrapper: the null label comes from the wrapped model
+    wrapped = torch.nn.DataParallel(model)
+    assert not hasattr(wrapped, "num_classes")
+    torch.testing.assert_close(d.sample_ddim(wrapped, (2, 1, 2, 2), steps=2, y=y,
+                                             guidance_scale=2.0), want)

@@ -341,6 +341,21 @@ def test_resume_is_exact(tmp_path, overrides):
         assert Path(resumed["files"]["edm2_weights"]).is_file()
 
 
+def test_resumed_metrics_log_equals_an_uninterrupted_runs(tmp_path):
+    """A run stopped at a step between two log records (3 with log_every=2) logged that step as
+    its last; the resumed run drops it, so its log equals the uninterrupted run's."""
+    whole = tiny(tmp_path, "whole", steps=7, log_every=2)
+    train(whole)
+    train(whole.replace(out=str(tmp_path / "split"), steps=3))
+    first = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
+    assert first == [2, 3]
+    train(whole.replace(out=str(tmp_path / "split")), resume=True)
+    a = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 7]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
 def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
