@@ -134,6 +134,11 @@ class Trainer:
         self.last_samples = None
         self.last_checkpoint = None
         self._stop_signal = None
+        # the resumed run's last metrics record is off the log schedule when it was written only
+        # because that run ended there (judged by that run's own steps and log_every)
+        self._drop_resumed_record = resume_state is not None and (
+            resume_state["config"]["steps"] == resume_state["step"]
+            and resume_state["step"] % resume_state["config"]["log_every"] != 0)
         if resume_state is not None:
             try:
                 self._restore(resume_state)
@@ -367,11 +372,11 @@ class Trainer:
         log = self.out / "metrics.jsonl"
         if self.step == 0:
             log.write_text("")
-        elif log.exists():  # keep what an uninterrupted run logs up to the resumed step:
-            from .visualize import read_metrics  # not the earlier run's off-schedule last one
+        elif log.exists():  # keep what an uninterrupted run logs up to the resumed step
+            from .visualize import read_metrics
 
-            keep = [r for r in read_metrics(log) if r.get("step", 0) < self.step or
-                    (r.get("step", 0) == self.step and self.step % self.config.log_every == 0)]
+            last = self.step - 1 if self._drop_resumed_record else self.step
+            keep = [r for r in read_metrics(log) if r.get("step", 0) <= last]
             log.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def train(self) -> dict:

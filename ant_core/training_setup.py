@@ -99,7 +99,7 @@ class EMA:
 
 
 def distributed_setup(device_pref: str):
-    """(rank, world_size, local_rank, device, created_group) from torchrun's environment."""
+    """(rank, world_size, device, created_group) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = resolve_device(device_pref).startswith("cuda")

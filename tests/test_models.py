@@ -284,3 +284,18 @@ def test_checkpoint_round_trip_weights_only(name, tmp_path):
     x, t = _inputs(model)
     y = torch.tensor([0, 1, 3])
     torch.testing.assert_close(clone(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize("name", ["unet-tiny", "dit-tiny"])
+def test_numpy_integer_arguments_are_stored_as_int(name, tmp_path):
+    """np.int64 sizes (e.g. from an array's shape arithmetic) work like ints: the model and its
+    config hold Python ints, so the config reloads with weights_only=True."""
+    import numpy as np
+
+    model = create_model(name, image_size=np.int64(16), in_channels=np.int32(3),
+                         num_classes=np.int64(3))
+    assert all(type(v) is int for k, v in model.config.items()
+               if k in ("image_size", "in_channels", "out_channels", "num_classes"))
+    assert type(model.num_classes) is int
+    torch.save(model.config, tmp_path / "config.pt")
+    assert torch.load(tmp_path / "config.pt", weights_only=True) == model.config

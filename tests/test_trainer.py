@@ -354,6 +354,17 @@ def test_resumed_metrics_log_equals_an_uninterrupted_runs(tmp_path):
     b = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 7]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    # judged by the earlier run's own log_every (it may change on resume): an on-schedule
+    # record is kept although the new interval does not divide it, an off-schedule one dropped
+    # although the new interval divides it
+    base = tiny(tmp_path, "other", steps=4, log_every=2)
+    train(base)
+    train(base.replace(steps=8, log_every=3), resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "other" / "metrics.jsonl")] == [2, 4, 6, 8]
+    base = tiny(tmp_path, "third", steps=3, log_every=2)
+    train(base)
+    train(base.replace(steps=7, log_every=3), resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "third" / "metrics.jsonl")] == [2, 6, 7]
 
 
 def test_resume_refuses_changed_config_and_keeps_last_n(tmp_path):

@@ -99,16 +99,16 @@ class DiT(nn.Module):
                  mlp_ratio: float = 4.0, num_classes: int | None = None,
                  learn_pos_embed: bool = False, time_scale: float = 1.0):
         super().__init__()
-        check_int("image_size", image_size, 1)
-        check_int("in_channels", in_channels, 1)
+        image_size = check_int("image_size", image_size, 1)
+        in_channels = check_int("in_channels", in_channels, 1)
         out_channels = in_channels if out_channels is None else out_channels
-        check_int("out_channels", out_channels, 1)
-        check_int("patch_size", patch_size, 1)
-        check_int("hidden_size", hidden_size, 1)
-        check_int("depth", depth, 1)
-        check_int("num_heads", num_heads, 1)
+        out_channels = check_int("out_channels", out_channels, 1)
+        patch_size = check_int("patch_size", patch_size, 1)
+        hidden_size = check_int("hidden_size", hidden_size, 1)
+        depth = check_int("depth", depth, 1)
+        num_heads = check_int("num_heads", num_heads, 1)
         if num_classes is not None:
-            check_int("num_classes", num_classes, 1)
+            num_classes = check_int("num_classes", num_classes, 1)
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be divisible by "
                              f"patch_size={patch_size}")

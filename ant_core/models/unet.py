@@ -115,16 +115,16 @@ class UNet(nn.Module):
                  mid_attention: bool = True, num_heads: int = 4, dropout: float = 0.0,
                  num_classes: int | None = None, num_groups: int = 32, time_scale: float = 1.0):
         super().__init__()
-        check_int("image_size", image_size, 1)
-        check_int("in_channels", in_channels, 1)
+        image_size = check_int("image_size", image_size, 1)
+        in_channels = check_int("in_channels", in_channels, 1)
         out_channels = in_channels if out_channels is None else out_channels
-        check_int("out_channels", out_channels, 1)
-        check_int("base_channels", base_channels, 1)
-        check_int("num_res_blocks", num_res_blocks, 1)
-        check_int("num_heads", num_heads, 1)
-        check_int("num_groups", num_groups, 1)
+        out_channels = check_int("out_channels", out_channels, 1)
+        base_channels = check_int("base_channels", base_channels, 1)
+        num_res_blocks = check_int("num_res_blocks", num_res_blocks, 1)
+        num_heads = check_int("num_heads", num_heads, 1)
+        num_groups = check_int("num_groups", num_groups, 1)
         if num_classes is not None:
-            check_int("num_classes", num_classes, 1)
+            num_classes = check_int("num_classes", num_classes, 1)
         channel_mult = check_int_sequence("channel_mult", channel_mult)
         if not channel_mult:
             raise ValueError("channel_mult must not be empty")
