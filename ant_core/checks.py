@@ -1,7 +1,8 @@
 """Argument checks shared by the modules (no torch import: ``ant_core.clustering`` uses them)."""
+import math
 import numbers
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "check_float"]
 
 
 def check_int(name: str, value, minimum=None, maximum=None) -> int:
@@ -14,3 +15,16 @@ def check_int(name: str, value, minimum=None, maximum=None) -> int:
                  else f">= {minimum}" if minimum is not None else f"<= {maximum}")
         raise ValueError(f"{name} must be {bound}, got {value}")
     return int(value)
+
+
+def check_float(name: str, value, minimum=None, *, strict: bool = False) -> float:
+    """``value`` as a finite ``float``: a real number, not a bool (TypeError otherwise), finite
+    and ``>= minimum`` (``> minimum`` when ``strict``) where given (ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    low_ok = minimum is None or (value > minimum if strict else value >= minimum)
+    if not math.isfinite(value) or not low_ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+    return value

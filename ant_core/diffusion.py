@@ -66,30 +66,43 @@ class GaussianDiffusion:
                              f"[{int(t.min())}, {int(t.max())}]")
         return t.long()
 
+    def _check_x0_noise_t(self, x0, noise, t):
+        """``t`` checked (as int64) after ``x0`` and ``noise`` are floating tensors of one shape."""
+        for name, value in (("x0", x0), ("noise", noise)):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got "
+                                f"{getattr(value, 'dtype', type(value).__name__)}")
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got "
+                             f"{tuple(noise.shape)}")
+        return self._check_t(t, x0.shape[0])
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
         """Sample x_t ~ q(x_t | x_0)."""
-        t = self._check_t(t, x0.shape[0])
-        if noise is None:
+        if noise is None and isinstance(x0, torch.Tensor) and x0.is_floating_point():
             noise = torch.randn_like(x0)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        t = self._check_x0_noise_t(x0, noise, t)
         a = _gather(self.sqrt_ac, t, x0.dim()).to(x0.dtype)
         s = _gather(self.sqrt_1m_ac, t, x0.dim()).to(x0.dtype)
         return a * x0 + s * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The regression target of the chosen prediction type."""
+        t = self._check_x0_noise_t(x0, noise, t)
         if self.prediction == "eps":
             return noise
         if self.prediction == "x0":
             return x0
-        t = self._check_t(t, x0.shape[0])
         a = _gather(self.sqrt_ac, t, x0.dim()).to(x0.dtype)
         s = _gather(self.sqrt_1m_ac, t, x0.dim()).to(x0.dtype)
         return a * noise - s * x0
 
     def split_prediction(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(x0_hat, eps_hat) from a network output of the chosen prediction type."""
+        if output.shape != x_t.shape:
+            raise ValueError(f"output must have x_t's shape {tuple(x_t.shape)}, got "
+                             f"{tuple(output.shape)}")
+        t = self._check_t(t, x_t.shape[0])
         a = _gather(self.sqrt_ac, t, x_t.dim()).to(torch.float64)
         s = _gather(self.sqrt_1m_ac, t, x_t.dim()).to(torch.float64)
         out, xt = output.double(), x_t.double()
@@ -106,6 +119,8 @@ class GaussianDiffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = alpha_bar / (1 - alpha_bar) for integer timesteps t (float32)."""
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError("t must be an integer tensor of timesteps")
         return _gather(self.snr_table, t.reshape(-1), 1).reshape(t.shape).float()
 
     # ------------------------------------------------------------------ samplers
@@ -176,6 +191,9 @@ class GaussianDiffusion:
         steps = check_int("steps", steps, 1, self.T)
         if not 0 <= eta <= 1:  # also refuses NaN
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        seed = check_int("seed", seed, 0)
+        if clip_x0 is not None and not 0 < clip_x0 < float("inf"):
+            raise ValueError(f"clip_x0 must be None or a finite number > 0, got {clip_x0!r}")
         if device is None:  # the model's device, else the CPU
             param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else "cpu"

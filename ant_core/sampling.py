@@ -48,8 +48,24 @@ def _distributed_rank_and_size(rank, world_size):
 
 
 def group_counts(group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Number of samples per cluster, a LongTensor of shape (num_groups,)."""
-    return torch.bincount(group, minlength=num_groups)
+    """Number of samples per cluster, an int64 tensor of shape (num_groups,), from an integer
+    tensor of cluster ids in [0, num_groups) (ValueError naming ``group`` otherwise: checked
+    before counting on the CPU; on a GPU by the counts' length, which needs no extra host sync,
+    and a negative id there is torch's error)."""
+    num_groups = check_int("num_groups", num_groups, 1)
+    if not isinstance(group, torch.Tensor) or group.is_floating_point() or group.is_complex() \
+            or group.dtype == torch.bool:
+        raise TypeError(f"group must be an integer tensor of cluster ids, got "
+                        f"{getattr(group, 'dtype', type(group).__name__)}")
+    flat = group.reshape(-1)
+    if flat.device.type == "cpu" and flat.numel() and \
+            not 0 <= int(flat.min()) <= int(flat.max()) < num_groups:
+        raise ValueError(f"group ids must lie in [0, {num_groups}), got values in "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    counts = torch.bincount(flat, minlength=num_groups)
+    if counts.numel() != num_groups:
+        raise ValueError(f"group ids must lie in [0, {num_groups}), got one >= {num_groups}")
+    return counts
 
 
 class _ClusterSampler:

@@ -1,8 +1,8 @@
-"""The one integer-argument check (ant_core.checks.check_int) every module uses."""
+"""The argument checks (ant_core.checks: check_int, check_float) every module uses."""
 import numpy as np
 import pytest
 
-from ant_core.checks import check_int
+from ant_core.checks import check_float, check_int
 
 
 @pytest.mark.parametrize("value", [0, 7, -3, np.int64(5), np.int32(-2), np.uint8(9)])
@@ -32,3 +32,19 @@ def test_out_of_range_is_a_value_error_with_the_bounds(value, low, high, message
 def test_bounds_are_inclusive():
     assert check_int("k", 1, 1, 1) == 1
     assert check_int("k", 10, None, 10) == 10
+
+
+def test_check_float():
+    assert check_float("lr", np.float32(0.5), 0, strict=True) == 0.5
+    assert type(check_float("lr", 3)) is float
+    assert check_float("wd", 0, 0) == 0.0
+    for value in (True, "1", None):
+        with pytest.raises(TypeError, match="^lr must be a number, got"):
+            check_float("lr", value)
+    for value, low, strict, message in ((float("nan"), None, False, "lr must be a finite number, "
+                                         "got nan"),
+                                        (float("inf"), 0, False, "lr must be a finite number >= 0"),
+                                        (0.0, 0, True, "lr must be a finite number > 0, got 0.0"),
+                                        (-1e-9, 0, False, "lr must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            check_float("lr", value, low, strict=strict)

@@ -115,6 +115,38 @@ def test_bad_input():
             d.snr(t)
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_forward_process_refuses_what_it_would_silently_get_wrong(prediction):
+    """Integer images (coefficients cast to uint8 were 0: an all-zero x_t), a target from
+    mismatched noise, float timesteps (truncated), a bad clip_x0 or seed."""
+    d = GaussianDiffusion("linear", 10, prediction)
+    t, x0, noise = torch.tensor([1, 5]), torch.rand(2, 3), torch.randn(2, 3)
+    for bad in (torch.full((2, 3), 200, dtype=torch.uint8), torch.ones(2, 3, dtype=torch.long)):
+        with pytest.raises(TypeError, match="x0 must be a floating-point tensor"):
+            d.q_sample(bad, t, noise)
+        with pytest.raises(TypeError, match="x0 must be a floating-point tensor"):
+            d.target(bad, noise, t)
+    with pytest.raises(TypeError, match="noise must be a floating-point tensor"):
+        d.target(x0, noise.long(), t)
+    for bad_noise in (torch.randn(5), torch.randn(1, 3)):
+        with pytest.raises(ValueError, match="noise must have x0's shape"):
+            d.target(x0, bad_noise, t)
+    with pytest.raises(TypeError, match="t must be an integer tensor"):
+        d.snr(torch.tensor([1.7]))
+    with pytest.raises(TypeError, match="t must be an integer tensor"):
+        d.split_prediction(x0, x0, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="output must have x_t's shape"):
+        d.split_prediction(x0[:, :2], x0, t)
+    for clip in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_x0 must be None or a finite number > 0"):
+            d.sample_ddim(lambda x, t: x, (1, 1), steps=2, clip_x0=clip)
+    for seed, error in ((1.7, TypeError), (None, TypeError), ("abc", TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="seed"):
+            d.sample_ddim(lambda x, t: x, (1, 1), steps=2, seed=seed)
+    assert d.sample_ddim(lambda x, t: x, (1, 1), steps=2, seed=np.int64(3), clip_x0=None).shape \
+        == (1, 1)
+
+
 def test_one_step_ddim_starts_from_the_noisiest_timestep():
     seen = []
 

@@ -658,6 +658,63 @@ def test_bad_arguments():
         solvers.mgda_weights(np.ones((2, 3)))
 
 
+@pytest.mark.parametrize("name", mtl.available())
+def test_bad_group_names_group(name):
+    """``group`` is checked before it is counted: ids outside [0, K) (they used to surface as a
+    task_counts shape error or a raw bincount error), float or bool ids."""
+    model, x, y, group = _problem()
+    for bad, error, message in ((torch.tensor([0, 1, 5]), ValueError, r"group ids must lie in "
+                                 r"\[0, 3\), got values in \[0, 5\]"),
+                                (torch.tensor([0, -1, 2]), ValueError, "group ids must lie in"),
+                                (group.float(), TypeError, "group must be an integer tensor"),
+                                (group > 0, TypeError, "group must be an integer tensor")):
+        method = mtl.create(name, num_tasks=K)
+        with pytest.raises(error, match=message):
+            method.backward(_losses(model, x, y, group), list(model.parameters()), group=bad)
+    with pytest.raises(ValueError, match="task_counts must be non-negative numbers"):
+        mtl.create(name, num_tasks=K).backward(_losses(model, x, y, group),
+                                               list(model.parameters()),
+                                               task_counts=torch.tensor([float("nan"), 1, 1]))
+
+
+@pytest.mark.parametrize("name, hparams, error, match", [
+    ("famo", {"lr": float("nan")}, ValueError, "lr must be a finite number > 0"),
+    ("famo", {"lr": 0.0}, ValueError, "lr"),
+    ("famo", {"weight_decay": -1.0}, ValueError, "weight_decay"),
+    ("famo", {"epsilon": -1.0}, ValueError, "epsilon"),
+    ("famo", {"min_losses": [float("nan")] * K}, ValueError, "min_losses must be 3 finite"),
+    ("famo", {"lr": "0.1"}, TypeError, "lr must be a number"),
+    ("gradnorm", {"alpha": float("nan")}, ValueError, "alpha"),
+    ("gradnorm", {"alpha": -1.0}, ValueError, "alpha"),
+    ("gradnorm", {"gradnorm_parameter": True}, TypeError, "gradnorm_parameter"),
+    ("gradnorm", {"gradnorm_parameter": 1.5}, TypeError, "gradnorm_parameter"),
+    ("nashmtl", {"max_iter": 0}, ValueError, "max_iter"),
+    ("pcgrad", {"seed": -1}, ValueError, "seed"),
+    ("rlw", {"seed": 1.5}, TypeError, "seed"),
+])
+def test_bad_hyper_parameters_name_the_argument(name, hparams, error, match):
+    with pytest.raises(error, match=match):
+        mtl.create(name, num_tasks=K, **hparams)
+
+
+def test_gradnorm_parameter_index_is_checked_against_the_shared_parameters():
+    model, x, y, group = _problem()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=rf"gradnorm_parameter must be in \[-{len(params)}, "
+                                         rf"{len(params) - 1}\], got 999"):
+        mtl.create("gradnorm", num_tasks=K, gradnorm_parameter=999).backward(
+            _losses(model, x, y, group), params, group=group)
+    for index in (np.int64(0), -1):  # numpy ints and negative indices select as in a list
+        model.zero_grad()
+        chosen = mtl.create("gradnorm", num_tasks=K, gradnorm_parameter=index)
+        chosen.backward(_losses(model, x, y, group), params, group=group)
+        model.zero_grad()
+        same = mtl.create("gradnorm", num_tasks=K, gradnorm_parameter=params[int(index)])
+        same.backward(_losses(model, x, y, group), params, group=group)
+        assert chosen.task_weights.grad.abs().sum() > 0
+        torch.testing.assert_close(chosen.task_weights.grad, same.task_weights.grad)
+
+
 def test_autocast_bfloat16_one_backward_close_to_float32():
     """Under CPU autocast (bf16 activations) both engines give the fp32 result up to bf16 error."""
     torch.manual_seed(6)

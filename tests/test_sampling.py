@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import ant_core
 from ant_core.clustering import IntervalClusters
-from ant_core.sampling import NoiseLevelGroups, StratifiedSampler, UniformSampler
+from ant_core.sampling import NoiseLevelGroups, StratifiedSampler, UniformSampler, group_counts
 
 BOUNDS = [(0, 3), (3, 10), (10, 11), (11, 40), (40, 50)]
 
@@ -231,3 +231,16 @@ def test_noise_level_groups_cuda_matches_cpu():
     on_cuda = to_group(sigma=sigma.cuda())
     assert on_cuda.device.type == "cuda"
     assert torch.equal(on_cuda.cpu(), to_group(sigma=sigma))
+
+
+def test_group_counts_checks_the_ids():
+    torch.testing.assert_close(group_counts(torch.tensor([0, 2, 2, 1]), np.int64(4)),
+                               torch.tensor([1, 1, 2, 0]))
+    assert group_counts(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
+    for bad, error in ((torch.tensor([0, 7]), ValueError), (torch.tensor([-1, 0]), ValueError),
+                       (torch.tensor([0.0, 1.0]), TypeError), (torch.tensor([True]), TypeError),
+                       ([0, 1], TypeError)):
+        with pytest.raises(error, match="group"):
+            group_counts(bad, 4)
+    with pytest.raises(ValueError, match="num_groups"):
+        group_counts(torch.tensor([0]), 0)

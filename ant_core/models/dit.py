@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int
-from .layers import (LabelEmbedder, TimestepEmbedder, check_bool, check_positive_float,
+from ..checks import check_float, check_int
+from .layers import (LabelEmbedder, TimestepEmbedder, check_bool,
                      prepare_inputs)
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
@@ -118,7 +118,7 @@ class DiT(nn.Module):
         if hidden_size % 4:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 "
                              "(2-D sin-cos positional embedding)")
-        check_positive_float("mlp_ratio", mlp_ratio)
+        mlp_ratio = check_float("mlp_ratio", mlp_ratio, 0, strict=True)
         if int(hidden_size * mlp_ratio) < 1:
             raise ValueError(f"mlp_ratio={mlp_ratio} leaves the MLP no hidden unit "
                              f"(int(hidden_size * mlp_ratio) = 0)")

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_float, check_int
 
 __all__ = [
     "timestep_embedding",
@@ -32,14 +32,6 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
-
-
-def check_positive_float(name: str, value) -> float:
-    """``value`` as a finite float > 0, naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -74,7 +66,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1.0):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.time_scale = check_positive_float("time_scale", time_scale)
+        self.time_scale = check_float("time_scale", time_scale, 0, strict=True)
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

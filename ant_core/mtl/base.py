@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int
+from ..sampling import group_counts
 from . import distributed
 
 __all__ = ["MTLMethod", "create", "available", "register"]
@@ -144,7 +145,7 @@ class MTLMethod(nn.Module):
                              "detached?): there is nothing to backpropagate")
         params = _check_parameters(shared_parameters)
         if task_counts is None and group is not None:
-            task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
+            task_counts = group_counts(group, self.num_tasks)
         shares = distributed.task_shares(self.num_tasks, task_counts, losses.device,
                                          self.process_group)
         scale = _loss_scale(grad_scaler, losses.device)

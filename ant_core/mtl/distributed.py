@@ -58,8 +58,8 @@ def task_shares(num_tasks, task_counts, device, process_group=None):
     counts = torch.as_tensor(task_counts)
     if counts.shape != (num_tasks,):
         raise ValueError(f"task_counts must have shape ({num_tasks},), got {tuple(counts.shape)}")
-    if counts.device.type == "cpu" and torch.any(counts < 0):
-        raise ValueError("task_counts must be non-negative")
+    if counts.device.type == "cpu" and not bool(torch.all(counts >= 0)):  # also refuses NaN
+        raise ValueError(f"task_counts must be non-negative numbers, got {counts.tolist()}")
     counts = counts.to(device=device, dtype=torch.float64)
     total = counts.clone()
     all_reduce_sum([total], process_group)

@@ -155,7 +155,7 @@ class PCGrad(_GradientMethod):
 
     def __init__(self, num_tasks, *, seed: int = 0, engine="autograd", process_group=None):
         super().__init__(num_tasks, engine=engine, process_group=process_group)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(check_int("seed", seed, 0))
 
     def _solve(self, gramian):
         return gradient_solvers.pcgrad_coefficients(gramian, self.rng)
@@ -232,7 +232,7 @@ class NashMTL(_GradientMethod):
         self.update_weights_every = update_weights_every
         self.max_norm = max_norm
         self.on_failure = on_failure
-        self.max_iter = max_iter
+        self.max_iter = check_int("max_iter", max_iter, 1)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("alpha", torch.full((num_tasks,), float("nan"), dtype=torch.float64))
 

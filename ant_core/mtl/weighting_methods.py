@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_float, check_int
+from ..sampling import group_counts
 from . import distributed
 from .base import MTLMethod, register
 
@@ -123,7 +125,7 @@ class RandomLossWeighting(_LossWeighting):
 
     def __init__(self, num_tasks, *, seed: int = 0, process_group=None):
         super().__init__(num_tasks, process_group=process_group)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0))
 
     def _weights(self, global_losses, present, scale):
         z = torch.randn(self.num_tasks, generator=self.generator, dtype=torch.float64)
@@ -155,7 +157,9 @@ class GradNorm(_LossWeighting):
     def __init__(self, num_tasks, *, alpha: float = 1.5, gradnorm_parameter=None,
                  process_group=None):
         super().__init__(num_tasks, process_group=process_group)
-        self.alpha = float(alpha)
+        self.alpha = check_float("alpha", alpha, 0)
+        if gradnorm_parameter is not None and not isinstance(gradnorm_parameter, torch.Tensor):
+            check_int("gradnorm_parameter", gradnorm_parameter)  # its range: at the first call
         self.gradnorm_parameter = gradnorm_parameter
         self.task_weights = nn.Parameter(torch.ones(num_tasks))
         self.register_buffer("initial_losses", torch.zeros(num_tasks, dtype=torch.float64))
@@ -171,8 +175,9 @@ class GradNorm(_LossWeighting):
         chosen = self.gradnorm_parameter
         if chosen is None:
             return self._params[-1]
-        if isinstance(chosen, int):
-            return self._params[chosen]
+        if not isinstance(chosen, torch.Tensor):  # an index into the shared parameters
+            n = len(self._params)
+            return self._params[check_int("gradnorm_parameter", chosen, -n, n - 1)]
         if not any(chosen is p for p in self._params):
             raise ValueError("gradnorm_parameter must be one of the shared parameters")
         return chosen
@@ -240,10 +245,13 @@ class FAMO(_LossWeighting):
             raise TypeError(f"reevaluate must be a bool, got {type(reevaluate).__name__}")
         self.reevaluate = reevaluate
         self._awaiting_update = False  # backward ran, update not yet (reevaluate=True)
-        self.lr, self.weight_decay, self.epsilon = float(lr), float(weight_decay), float(epsilon)
+        self.lr = check_float("lr", lr, 0, strict=True)
+        self.weight_decay = check_float("weight_decay", weight_decay, 0)
+        self.epsilon = check_float("epsilon", epsilon, 0, strict=True)
         mins = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses)
-        if mins.shape != (num_tasks,):
-            raise ValueError(f"min_losses must have shape ({num_tasks},)")
+        if mins.shape != (num_tasks,) or not bool(torch.isfinite(mins.double()).all()):
+            raise ValueError(f"min_losses must be {num_tasks} finite numbers, got "
+                             f"{mins.tolist()}")
         self.register_buffer("min_losses", mins.double())
         self.register_buffer("logits", torch.zeros(num_tasks, dtype=torch.float64))
         self.register_buffer("adam_exp_avg", torch.zeros(num_tasks, dtype=torch.float64))
@@ -276,7 +284,7 @@ class FAMO(_LossWeighting):
         if not self._awaiting_update:
             raise RuntimeError("FAMO.update called before backward")
         if task_counts is None and group is not None:
-            task_counts = torch.bincount(group.reshape(-1), minlength=self.num_tasks)
+            task_counts = group_counts(group, self.num_tasks)
         shares = distributed.task_shares(self.num_tasks, task_counts, new_losses.device,
                                          self.process_group)
         delta = self._step_logits(*distributed.global_losses(new_losses, shares,
