@@ -31,8 +31,11 @@ _CHUNK = 512  # images per independently seeded generation chunk
 class ImageDataset(torch.utils.data.Dataset):
     """Images (N, C, H, W) float32 in [-1, 1] with int64 labels (N,).
 
-    ``num_classes`` is None for unlabelled data (labels are then all 0); ``class_names`` names
-    the labels when known. Indexing returns ``(image, label)``.
+    ``images``: a floating-point tensor with C = 1 (grey) or 3 (RGB) channels, finite (integer
+    images are refused rather than used unscaled: :func:`load_array` scales them).
+    ``num_classes`` is None for unlabelled data (labels are then all 0); labels are integers in
+    ``[0, num_classes)``; ``class_names`` names the labels when known. Indexing returns
+    ``(image, label)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
@@ -41,15 +44,30 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError("images must be a (N, C, H, W) tensor")
         if images.shape[0] == 0:
             raise ValueError("images must contain at least one image")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point in [-1, 1], got {images.dtype} "
+                            "(load_array scales integer images)")
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels (C of (N, C, H, W)), got "
+                             f"{images.shape[1]}; drop an alpha channel, split other stacks")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or infinite values")
         self.images = images.float().contiguous()
+        self.num_classes = None if num_classes is None else check_int("num_classes",
+                                                                      num_classes, 1)
         if labels is None:
             labels = torch.zeros(images.shape[0], dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long)
+        labels = torch.as_tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integers, got {labels.dtype}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},), "
                              f"got {tuple(labels.shape)}")
-        self.labels = labels
-        self.num_classes = num_classes
+        high = self.num_classes or 1  # unlabelled: all 0
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < high:
+            raise ValueError(f"labels must lie in [0, {high}) (num_classes={num_classes}), got "
+                             f"values in [{int(labels.min())}, {int(labels.max())}]")
+        self.labels = labels.long()
         self.class_names = class_names
 
     @property
@@ -223,6 +241,8 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
 
 
 def _to_nchw(array: np.ndarray, layout: str) -> np.ndarray:
+    if layout not in ("auto", "NHWC", "NCHW"):
+        raise ValueError(f"layout must be 'auto', 'NHWC' or 'NCHW', got {layout!r}")
     if array.ndim == 3:
         return array[:, None]
     if array.ndim != 4:
@@ -237,8 +257,6 @@ def _to_nchw(array: np.ndarray, layout: str) -> np.ndarray:
         else:
             raise ValueError(f"cannot tell the channel axis of an array of shape {array.shape}; "
                              "pass layout='NHWC' or 'NCHW'")
-    if layout not in ("NHWC", "NCHW"):
-        raise ValueError(f"layout must be 'auto', 'NHWC' or 'NCHW', got {layout!r}")
     return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
 
 
@@ -298,7 +316,13 @@ def load_array(path, value_range="auto", layout: str = "auto",
             if value_range is None:
                 raise ValueError(f"values in [{low}, {high}] fit none of [0, 1], [-1, 1], "
                                  "[0, 255]; pass value_range=(low, high)")
-    lo, hi = map(float, value_range)
+    try:
+        lo, hi = map(float, value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be 'auto' or (low, high), got {value_range!r}") \
+            from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"value_range={value_range} must be finite")
     if not hi > lo or low < lo or high > hi:
         raise ValueError(f"value_range={value_range} must satisfy low < high and contain the "
                          f"data range [{low}, {high}]")
@@ -380,6 +404,8 @@ class InfiniteLoader:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
         if len(dataset) == 0:
             raise ValueError("dataset is empty")
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
         self.dataset, self.shuffle, self.device = dataset, shuffle, device
         self.epoch, self.position = 0, 0
         self._order = None
@@ -431,7 +457,9 @@ class InfiniteLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the stream from a :meth:`state_dict`."""
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        shard = -(-len(self.dataset) // self.world_size)  # this rank's samples per epoch
+        self.epoch = check_int("state['epoch']", state["epoch"], 0)
+        self.position = check_int("state['position']", state["position"], 0, shard - 1)
         self._order = None
 
 
