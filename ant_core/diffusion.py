@@ -191,7 +191,7 @@ class GaussianDiffusion:
         steps = check_int("steps", steps, 1, self.T)
         if not 0 <= eta <= 1:  # also refuses NaN
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        seed = check_int("seed", seed, 0)
+        seed = check_int("seed", seed, 0, 2**64 - 1)
         if clip_x0 is not None and not 0 < clip_x0 < float("inf"):
             raise ValueError(f"clip_x0 must be None or a finite number > 0, got {clip_x0!r}")
         if device is None:  # the model's device, else the CPU

@@ -173,8 +173,25 @@ def _check_images(name, images):
         images = images.images  # an ImageDataset
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.asarray(images))
-    if images.dim() != 4:
-        raise ValueError(f"{name} must be (N, C, H, W) images, got shape {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"{name} must be (N, C, H, W) images with N >= 1, got shape "
+                         f"{tuple(images.shape)}")
+    return images
+
+
+def _check_scored_images(name, images):
+    """What :func:`evaluate` scores: float (N, C, H, W) images, C = 1 or 3, finite, in [-1, 1]
+    (uint8 or NHWC images would be scored without an error, and meaninglessly)."""
+    images = _check_images(name, images)
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be floating-point images in [-1, 1], got {images.dtype}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must be (N, C, H, W) with C = 1 or 3, got shape "
+                         f"{tuple(images.shape)} (channels last? permute(0, 3, 1, 2))")
+    low, high = float(images.min()), float(images.max())  # NaN fails both comparisons below
+    if not (-1 - 1e-6 <= low and high <= 1 + 1e-6):
+        raise ValueError(f"{name} must lie in [-1, 1] (clamp model samples; map [0, 255] or "
+                         f"[0, 1] images), got values in [{low}, {high}]")
     return images
 
 
@@ -223,8 +240,8 @@ class RandomConvFeatures(nn.Module):
         if not widths:
             raise ValueError("widths must be a non-empty sequence of ints >= 1")
         in_channels = check_int("in_channels", in_channels, 1)
-        self.seed, self.in_channels, self.widths, self.batch_size = seed, in_channels, widths, \
-            batch_size
+        self.seed, self.in_channels, self.widths = seed, in_channels, widths
+        self.batch_size = check_int("batch_size", batch_size, 1)
         generator = torch.Generator().manual_seed(seed)
         self.convs = nn.ModuleList()
         channels = in_channels
@@ -286,7 +303,8 @@ def evaluate(samples, reference, feature_extractor: str | Callable = "random_con
     ``"pixels"`` (:class:`PixelFeatures` pooled to 8x8) or any callable images -> (N, D).
     Returns ``{"fd", "precision", "recall", "num_samples", "num_reference", "feature_dim"}``.
     """
-    samples, reference = _check_images("samples", samples), _check_images("reference", reference)
+    samples = _check_scored_images("samples", samples)
+    reference = _check_scored_images("reference", reference)
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples and reference must have the same image shape, got "
                          f"{tuple(samples.shape[1:])} and {tuple(reference.shape[1:])}")

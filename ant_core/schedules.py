@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .checks import check_int
+from .checks import check_float, check_int
 
 __all__ = [
     "NoiseSchedule",
@@ -108,15 +108,27 @@ def from_betas(betas, name: str = "custom") -> NoiseSchedule:
     return NoiseSchedule(np.cumprod(1.0 - b), name=name)
 
 
+def _check_betas(beta_start, beta_end):
+    """Both betas as floats in (0, 1) (a variance must be positive and below 1)."""
+    betas = (check_float("beta_start", beta_start, 0, strict=True),
+             check_float("beta_end", beta_end, 0, strict=True))
+    for name, value in zip(("beta_start", "beta_end"), betas):
+        if value >= 1:
+            raise ValueError(f"{name} must be < 1, got {value}")
+    return betas
+
+
 def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
     """DDPM (Ho et al. 2020): betas linear from beta_start to beta_end."""
     T = check_int("T", T, 1)
+    beta_start, beta_end = _check_betas(beta_start, beta_end)
     return from_betas(np.linspace(beta_start, beta_end, T, dtype=np.float64), name="linear")
 
 
 def scaled_linear(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
     """Stable Diffusion / LDM: sqrt(beta) linear (diffusers' 'scaled_linear')."""
     T = check_int("T", T, 1)
+    beta_start, beta_end = _check_betas(beta_start, beta_end)
     betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=np.float64) ** 2
     return from_betas(betas, name="scaled_linear")
 
@@ -125,6 +137,10 @@ def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSch
     """Improved DDPM (Nichol & Dhariwal 2021): alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2),
     betas clipped at max_beta."""
     T = check_int("T", T, 1)
+    s = check_float("s", s, 0)
+    max_beta = check_float("max_beta", max_beta, 0, strict=True)
+    if max_beta >= 1:
+        raise ValueError(f"max_beta must be < 1, got {max_beta}")
 
     def f(u):
         return np.cos((u + s) / (1.0 + s) * math.pi / 2) ** 2
@@ -139,7 +155,9 @@ def log_snr_grid(T: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.
     log(1 / sigma_min^2) (t = 0) down to log(1 / sigma_max^2) (t = T - 1); the EDM defaults.
     As a variance-preserving schedule: alpha_bar = sigmoid(log-SNR)."""
     T = check_int("T", T, 1)
-    if not 0 < sigma_min < sigma_max:
+    sigma_min = check_float("sigma_min", sigma_min, 0, strict=True)
+    sigma_max = check_float("sigma_max", sigma_max, 0, strict=True)
+    if not sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     lam = np.linspace(-2 * math.log(sigma_min), -2 * math.log(sigma_max), T)
     return NoiseSchedule(1.0 / (1.0 + np.exp(-lam)), name="log_snr_grid")

@@ -133,9 +133,16 @@ def has_matplotlib() -> bool:
 
 
 def check_plot_path(path) -> Path:
-    """Before any long work: matplotlib is importable and ``path``'s folder can be made."""
+    """Before any long work: matplotlib is importable, it can write ``path``'s format (from the
+    suffix; none: PNG) and ``path``'s folder can be made."""
     _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        raise ValueError(f"plot path {str(path)!r}: matplotlib cannot write {path.suffix!r} "
+                         f"files; use one of {', '.join('.' + f for f in sorted(formats))}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -62,9 +62,16 @@ def test_cluster_plot(tmp_path):
     (["cluster", "--k", "2000"], "k must be <= T"),
     (["cluster", "--values", "/nonexistent.npy"], "values file not found"),
     (["cluster", "--min-size", "300"], "infeasible size bounds"),
+    (["cluster", "--values", "VALUES", "--schedule", "cosine"], "do not apply to --values"),
+    (["cluster", "--schedule", "cosine", "--alphas-cumprod", "VALUES"], "not both"),
+    (["cluster", "--plot", "OUT/x.txt"], "matplotlib cannot write '.txt' files"),
 ])
-def test_cluster_errors(args, message):
+def test_cluster_errors(args, message, tmp_path):
+    pytest.importorskip("matplotlib")  # the --plot case
+    np.save(tmp_path / "v.npy", np.linspace(0.9, 0.1, 20))
+    args = [a.replace("VALUES", str(tmp_path / "v.npy")).replace("OUT", str(tmp_path))
+            for a in args]
     out = run_cli(*args)
     assert out.returncode == 2
     assert message in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""  # nothing printed before failing

@@ -87,6 +87,11 @@ def test_sample_shapes_determinism_and_reference(trained_run, tmp_path, sampler,
     np.testing.assert_array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
     assert np.abs(outs[0]).max() <= 1
+    if sampler == "ddpm":  # DDIM's options are refused, not ignored
+        for option in ("--eta=0.3", "--steps=5"):
+            with pytest.raises(SystemExit) as exc:
+                main(["sample", str(trained_run), "--sampler", "ddpm", option])
+            assert exc.value.code == 2
     model, _ = _reference_model(trained_run)
     diffusion = GaussianDiffusion("linear", 20, "eps")
     if sampler == "ddim":

@@ -493,6 +493,17 @@ def test_bad_input_raises(case):
         grouped_mse(*args)
 
 
+@pytest.mark.parametrize("case", [c for c in bad_inputs() if isinstance(c[1][0], torch.Tensor)
+                                  and not c[0].startswith(("num_groups_float", "num_groups_bool",
+                                                           "groups_list", "weight_list"))],
+                         ids=lambda c: c[0])
+def test_reference_refuses_what_the_op_refuses(case):
+    """The pure-torch reference broadcast a (1, ...) target and accepted integer pred."""
+    _, args, error, name = case
+    with pytest.raises(error, match=name):
+        reference_grouped_mse(*args)
+
+
 @pytest.mark.parametrize("case", [c for c in bad_inputs() if not c[0].startswith("group_")
                                   and isinstance(c[1][0], torch.Tensor)], ids=lambda c: c[0])
 def test_fake_kernels_raise_like_the_op(case):

@@ -88,3 +88,12 @@ def test_bad_arguments():
         schedules.from_scheduler(object())
     with pytest.raises(TypeError, match="alphas_cumprod must be an array"):
         schedules.from_alphas_cumprod("abc")
+    for make, kwargs, name in ((schedules.linear, {"beta_start": -1.0}, "beta_start"),
+                               (schedules.linear, {"beta_end": 1.5}, "beta_end"),
+                               (schedules.scaled_linear, {"beta_start": -1.0}, "beta_start"),
+                               (schedules.scaled_linear, {"beta_end": float("nan")}, "beta_end"),
+                               (schedules.cosine, {"s": -1.0}, "s must be"),
+                               (schedules.cosine, {"max_beta": 1.0}, "max_beta"),
+                               (schedules.log_snr_grid, {"sigma_min": 0.0}, "sigma_min")):
+        with pytest.raises(ValueError, match=name):  # was "math domain error" and the like
+            make(10, **kwargs)

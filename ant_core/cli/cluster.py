@@ -23,7 +23,7 @@ def add_parser(sub):
         description="Exact interval clustering of diffusion timesteps (ANT). Prints the "
         "intervals with their SNR range; defaults: linear DDPM schedule, T=1000, k=5, log-SNR.",
     )
-    p.add_argument("--schedule", default="linear", choices=sorted(schedules.SCHEDULES),
+    p.add_argument("--schedule", default=None, choices=sorted(schedules.SCHEDULES),
                    help="noise schedule (default: linear)")
     p.add_argument("--alphas-cumprod", metavar="FILE.npy",
                    help="use this alphas_cumprod array instead of a named schedule")
@@ -45,14 +45,19 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    sched = (schedules.from_alphas_cumprod(_load_npy(args.alphas_cumprod, "alphas_cumprod"))
-             if args.alphas_cumprod else args.schedule)
+    if args.schedule and args.alphas_cumprod:
+        raise ValueError("give --schedule or --alphas-cumprod, not both")
     inputs = {}
     for name in ("values", "affinity", "cost_matrix"):
         path = getattr(args, name)
         if path:
             inputs[name] = _load_npy(path, name)
     uses_schedule = not inputs
+    if inputs and (args.schedule or args.alphas_cumprod):
+        raise ValueError("--schedule / --alphas-cumprod do not apply to --values, --affinity or "
+                         "--cost-matrix, which alone define the costs")
+    sched = (schedules.from_alphas_cumprod(_load_npy(args.alphas_cumprod, "alphas_cumprod"))
+             if args.alphas_cumprod else args.schedule or "linear")
     if args.plot:  # before printing anything: no table followed by a failure
         from ..visualize import check_plot_path
         check_plot_path(args.plot)

@@ -15,7 +15,7 @@ def add_parser(sub):
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     p.add_argument("--steps", type=int, default=None,
                    help="DDIM steps (default min(50, T); DDPM uses T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--guidance-scale", type=float, default=1.0, metavar="S",
                    help="classifier-free guidance scale of class-conditional models trained with "
                    "--label-dropout > 0 (default 1: no guidance; 0: unconditional)")
@@ -44,6 +44,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
+        raise ValueError("--steps and --eta apply to --sampler ddim (DDPM runs all T steps "
+                         "with eta 1)")
     if not 0 <= args.guidance_scale < float("inf"):
         raise ValueError(f"--guidance-scale must be a finite number >= 0, got "
                          f"{args.guidance_scale}")
@@ -81,7 +84,7 @@ def run(args) -> int:
                                        device=device)
     else:
         steps = min(50, diffusion.T) if args.steps is None else args.steps  # for the report
-        images = diffusion.sample_ddim(model, shape, steps=steps, eta=args.eta,
+        images = diffusion.sample_ddim(model, shape, steps=steps, eta=args.eta or 0.0,
                                        seed=args.seed, y=y, guidance_scale=scale, device=device)
     images = images.clamp(-1, 1).cpu()
     run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
