@@ -2,12 +2,24 @@
 import math
 import numbers
 
-__all__ = ["check_int", "check_float"]
+__all__ = ["check_int", "check_float", "TORCH_SEEDS"]
+
+#: the seeds torch.Generator.manual_seed takes (negative ones wrap around)
+TORCH_SEEDS = (-(2**63), 2**64 - 1)
+
+
+def _scalar(value):
+    """A 0-d tensor or array as its Python number (what ``float()`` / ``int()`` would take)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def check_int(name: str, value, minimum=None, maximum=None) -> int:
     """``value`` as an ``int``: a Python or numpy integer, not a bool (TypeError otherwise), in
-    ``[minimum, maximum]`` where given (ValueError otherwise); both errors name ``name``."""
+    ``[minimum, maximum]`` where given (ValueError otherwise); both errors name ``name``. A 0-d
+    tensor or array counts as its value."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -19,7 +31,9 @@ def check_int(name: str, value, minimum=None, maximum=None) -> int:
 
 def check_float(name: str, value, minimum=None, *, strict: bool = False) -> float:
     """``value`` as a finite ``float``: a real number, not a bool (TypeError otherwise), finite
-    and ``>= minimum`` (``> minimum`` when ``strict``) where given (ValueError otherwise)."""
+    and ``>= minimum`` (``> minimum`` when ``strict``) where given (ValueError otherwise). A 0-d
+    tensor or array counts as its value."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)

@@ -31,10 +31,11 @@ _CHUNK = 512  # images per independently seeded generation chunk
 class ImageDataset(torch.utils.data.Dataset):
     """Images (N, C, H, W) float32 in [-1, 1] with int64 labels (N,).
 
-    ``images``: a floating-point tensor with C = 1 (grey) or 3 (RGB) channels, finite (integer
-    images are refused rather than used unscaled: :func:`load_array` scales them).
-    ``num_classes`` is None for unlabelled data (labels are then all 0); labels are integers in
-    ``[0, num_classes)``; ``class_names`` names the labels when known. Indexing returns
+    ``images``: a finite floating-point tensor (integer images are refused rather than used
+    unscaled: :func:`load_array` scales them); C = 1 (grey) or 3 (RGB) make pictures, other
+    channel counts (e.g. latents) train the same and are sampled to ``.npy``.
+    ``num_classes`` is None for unlabelled data (labels default to 0); labels are integers in
+    ``[0, num_classes)`` (>= 0 without ``num_classes``); ``class_names`` names them when known. Indexing returns
     ``(image, label)``.
     """
 
@@ -47,9 +48,6 @@ class ImageDataset(torch.utils.data.Dataset):
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point in [-1, 1], got {images.dtype} "
                             "(load_array scales integer images)")
-        if images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have 1 or 3 channels (C of (N, C, H, W)), got "
-                             f"{images.shape[1]}; drop an alpha channel, split other stacks")
         if not bool(torch.isfinite(images).all()):
             raise ValueError("images contain NaN or infinite values")
         self.images = images.float().contiguous()
@@ -63,7 +61,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},), "
                              f"got {tuple(labels.shape)}")
-        high = self.num_classes or 1  # unlabelled: all 0
+        high = self.num_classes or float("inf")  # without num_classes: any label >= 0
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < high:
             raise ValueError(f"labels must lie in [0, {high}) (num_classes={num_classes}), got "
                              f"values in [{int(labels.min())}, {int(labels.max())}]")
@@ -404,9 +402,9 @@ class InfiniteLoader:
             raise ValueError(f"rank={rank} must be < world_size={world_size}")
         if len(dataset) == 0:
             raise ValueError("dataset is empty")
-        if not isinstance(shuffle, bool):
+        if not isinstance(shuffle, (bool, np.bool_)):
             raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
-        self.dataset, self.shuffle, self.device = dataset, shuffle, device
+        self.dataset, self.shuffle, self.device = dataset, bool(shuffle), device
         self.epoch, self.position = 0, 0
         self._order = None
 

@@ -13,12 +13,19 @@ import numbers
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import TORCH_SEEDS, check_float, check_int
 from .schedules import NoiseSchedule, get_schedule
 
 __all__ = ["GaussianDiffusion", "PREDICTIONS"]
 
 PREDICTIONS = ("eps", "v", "x0")
+
+
+def _check_integer_t(t) -> None:
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() \
+            or t.dtype == torch.bool:
+        raise TypeError(f"t must be an integer tensor of timesteps, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -55,8 +62,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ forward process
 
     def _check_t(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
-            raise TypeError("t must be an integer tensor of timesteps")
+        _check_integer_t(t)
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
         # On the CPU a clear error; on a GPU reading t back would sync every step, so a bad t
@@ -119,8 +125,7 @@ class GaussianDiffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = alpha_bar / (1 - alpha_bar) for integer timesteps t (float32)."""
-        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
-            raise TypeError("t must be an integer tensor of timesteps")
+        _check_integer_t(t)
         return _gather(self.snr_table, t.reshape(-1), 1).reshape(t.shape).float()
 
     # ------------------------------------------------------------------ samplers
@@ -191,9 +196,9 @@ class GaussianDiffusion:
         steps = check_int("steps", steps, 1, self.T)
         if not 0 <= eta <= 1:  # also refuses NaN
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        seed = check_int("seed", seed, 0, 2**64 - 1)
-        if clip_x0 is not None and not 0 < clip_x0 < float("inf"):
-            raise ValueError(f"clip_x0 must be None or a finite number > 0, got {clip_x0!r}")
+        seed = check_int("seed", seed, *TORCH_SEEDS)
+        if clip_x0 is not None:
+            clip_x0 = check_float("clip_x0", clip_x0, 0, strict=True)
         if device is None:  # the model's device, else the CPU
             param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else "cpu"

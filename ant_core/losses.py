@@ -163,13 +163,11 @@ def reference_grouped_mse(
     """Pure-torch :func:`grouped_mse` (same arguments, semantics, dtypes and gradients).
 
     Several passes over the data (difference, square, mean): the reference for tests and a
-    slower path that needs no compiled extension. Its arguments are checked as the op's are;
-    out-of-range group ids only on the CPU (on CUDA index_add asserts on the device; use
-    :func:`check_groups`).
+    slower path that needs no compiled extension. Its arguments' shapes and dtypes are checked
+    as the op's are (traceable: it compiles with ``fullgraph=True``); group ids are not (index_add
+    raises on the CPU and asserts on CUDA; use :func:`check_groups`).
     """
     _check_metadata(pred, target, groups, num_groups, weight, op="reference_grouped_mse")
-    if groups.device.type == "cpu":
-        check_groups(groups, num_groups)
     acc = _accumulate_dtype(pred, target)
     batch = pred.shape[0]
     diff = pred.to(acc) - target.to(acc)

@@ -180,14 +180,11 @@ def _check_images(name, images):
 
 
 def _check_scored_images(name, images):
-    """What :func:`evaluate` scores: float (N, C, H, W) images, C = 1 or 3, finite, in [-1, 1]
-    (uint8 or NHWC images would be scored without an error, and meaninglessly)."""
+    """What :func:`evaluate` scores: float (N, C, H, W) images, finite, in [-1, 1] (uint8 or
+    [0, 255] images would be scored without an error, and meaninglessly)."""
     images = _check_images(name, images)
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating-point images in [-1, 1], got {images.dtype}")
-    if images.shape[1] not in (1, 3):
-        raise ValueError(f"{name} must be (N, C, H, W) with C = 1 or 3, got shape "
-                         f"{tuple(images.shape)} (channels last? permute(0, 3, 1, 2))")
     low, high = float(images.min()), float(images.max())  # NaN fails both comparisons below
     if not (-1 - 1e-6 <= low and high <= 1 + 1e-6):
         raise ValueError(f"{name} must lie in [-1, 1] (clamp model samples; map [0, 255] or "

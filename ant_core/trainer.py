@@ -349,11 +349,18 @@ class Trainer:
                                           device=self.device).clamp(-1, 1)
 
     def _write_samples(self, name: str) -> Path:
+        """A PNG grid of samples (1 or 3 channels) or, for other channel counts (latents),
+        the samples as ``.npy`` next to where the grid would be."""
         from .visualize import save_image_grid
 
         images = self.sample(self.config.num_samples, self.config.sample_steps)
         self.last_samples = images.cpu()
-        return save_image_grid(self.last_samples, self.out / name)
+        if images.shape[1] in (1, 3):
+            return save_image_grid(self.last_samples, self.out / name)
+        path = (self.out / name).with_suffix(".npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, self.last_samples.numpy())
+        return path
 
     # ------------------------------------------------------------------ the loop
     def _handle_signal(self, signum, frame):

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .checks import check_float, check_int
+from .checks import TORCH_SEEDS, check_float, check_int
 
 __all__ = ["min_snr_weight", "p2_weight", "ContinuousUncertainty"]
 
@@ -85,7 +85,7 @@ class ContinuousUncertainty(nn.Module):
         super().__init__()
         num_features = check_int("num_features", num_features, 1)
         hidden = check_int("hidden", hidden, 0)
-        gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
+        gen = torch.Generator().manual_seed(check_int("seed", seed, *TORCH_SEEDS))
         self.input_scale = check_float("input_scale", input_scale, 0, strict=True)
         self.register_buffer("frequencies", torch.randn(num_features, generator=gen))
         self.register_buffer("phases", torch.rand(num_features, generator=gen))

@@ -48,3 +48,14 @@ def test_check_float():
                                         (-1e-9, 0, False, "lr must be a finite number >= 0")):
         with pytest.raises(ValueError, match=f"^{message}"):
             check_float("lr", value, low, strict=strict)
+
+
+def test_zero_dim_tensors_and_arrays_count_as_their_value():
+    import torch
+
+    assert check_int("seed", torch.tensor(3)) == 3 and check_int("n", np.array(4), 1) == 4
+    assert check_float("lr", torch.tensor(0.5), 0, strict=True) == 0.5
+    with pytest.raises(TypeError, match="seed must be an int"):
+        check_int("seed", torch.tensor(1.5))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        check_int("seed", torch.tensor([1, 2]))

@@ -270,6 +270,22 @@ def test_non_finite_data_is_a_clear_error(tmp_path):
     assert not out.exists()
 
 
+def test_latent_like_data_with_four_channels_trains_and_samples_to_npy(tmp_path, capsys):
+    """C = 4 (e.g. VAE latents) trains like images; grids become .npy (a PNG needs 1 or 3
+    channels: this failed after training had finished)."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "latents.npy", rng.uniform(-1, 1, (12, 4, 8, 8)).astype(np.float32))
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--data", str(tmp_path / "latents.npy"), "--steps", "2",
+                 "--out", str(out)]) == 0
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (4, 4, 8, 8) and not (out / "samples.png").exists()
+    assert main(["sample", str(out), "--num", "2", "--steps", "2", "--out",
+                 str(tmp_path / "s")]) == 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 4, 8, 8)
+    assert not (tmp_path / "s.png").exists() and "s.npz" in capsys.readouterr().out
+
+
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--out", str(out), "--no-progress", "--threads", "1",

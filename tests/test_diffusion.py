@@ -137,14 +137,20 @@ def test_forward_process_refuses_what_it_would_silently_get_wrong(prediction):
         d.split_prediction(x0, x0, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="output must have x_t's shape"):
         d.split_prediction(x0[:, :2], x0, t)
-    for clip in (-1.0, 0.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="clip_x0 must be None or a finite number > 0"):
+    for clip, error in ((-1.0, ValueError), (0.0, ValueError), (float("nan"), ValueError),
+                        (float("inf"), ValueError), ("1", TypeError)):
+        with pytest.raises(error, match="clip_x0 must be"):
             d.sample_ddim(lambda x, t: x, (1, 1), steps=2, clip_x0=clip)
-    for seed, error in ((1.7, TypeError), (None, TypeError), ("abc", TypeError), (-1, ValueError)):
+    for seed, error in ((1.7, TypeError), (None, TypeError), ("abc", TypeError),
+                        (2**64, ValueError), (-(2**63) - 1, ValueError)):
         with pytest.raises(error, match="seed"):
             d.sample_ddim(lambda x, t: x, (1, 1), steps=2, seed=seed)
-    assert d.sample_ddim(lambda x, t: x, (1, 1), steps=2, seed=np.int64(3), clip_x0=None).shape \
-        == (1, 1)
+    for seed in (np.int64(3), -1, torch.tensor(5)):  # what torch.Generator takes
+        assert d.sample_ddim(lambda x, t: x, (1, 1), steps=2, seed=seed, clip_x0=None).shape \
+            == (1, 1)
+    for dtype in (torch.int16, torch.uint8, torch.int32):  # any integer timesteps
+        torch.testing.assert_close(d.snr(t.to(dtype)), d.snr(t))
+        torch.testing.assert_close(d.q_sample(x0, t.to(dtype), noise), d.q_sample(x0, t, noise))
 
 
 def test_one_step_ddim_starts_from_the_noisiest_timestep():

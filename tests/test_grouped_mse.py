@@ -495,13 +495,23 @@ def test_bad_input_raises(case):
 
 @pytest.mark.parametrize("case", [c for c in bad_inputs() if isinstance(c[1][0], torch.Tensor)
                                   and not c[0].startswith(("num_groups_float", "num_groups_bool",
-                                                           "groups_list", "weight_list"))],
+                                                           "groups_list", "weight_list",
+                                                           "group_"))],
                          ids=lambda c: c[0])
 def test_reference_refuses_what_the_op_refuses(case):
-    """The pure-torch reference broadcast a (1, ...) target and accepted integer pred."""
+    """The pure-torch reference broadcast a (1, ...) target and accepted integer pred (its
+    checks read no values: group ids stay check_groups' job, and it still compiles)."""
     _, args, error, name = case
     with pytest.raises(error, match=name):
         reference_grouped_mse(*args)
+
+
+def test_reference_compiles_with_fullgraph():
+    """benchmarks/bench_grouped_loss.py compiles the reference with fullgraph=True."""
+    p, t = torch.randn(6, 3, 2), torch.randn(6, 3, 2)
+    g = torch.tensor([0, 1, 2, 0, 1, 1])
+    compiled = torch.compile(reference_grouped_mse, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(p, t, g, 3), reference_grouped_mse(p, t, g, 3))
 
 
 @pytest.mark.parametrize("case", [c for c in bad_inputs() if not c[0].startswith("group_")

@@ -247,7 +247,6 @@ def test_evaluate_refuses_images_it_would_score_meaninglessly():
     real = torch.rand(12, 3, 8, 8) * 2 - 1
     for bad, error, message in (
             ((real * 127.5 + 127.5).to(torch.uint8), TypeError, "samples must be floating"),
-            (real.permute(0, 2, 3, 1), ValueError, "C = 1 or 3"),  # channels last
             (real * 127.5 + 127.5, ValueError, r"samples must lie in \[-1, 1\]"),
             (real.masked_fill(real > 0.9, float("nan")), ValueError, "samples must lie in"),
             (real[:0], ValueError, "N >= 1")):
@@ -255,6 +254,8 @@ def test_evaluate_refuses_images_it_would_score_meaninglessly():
             evaluate(bad, real)
     with pytest.raises(ValueError, match=r"reference must lie in \[-1, 1\]"):
         evaluate(real, real + 2)
+    four = torch.rand(12, 4, 8, 8) * 2 - 1  # any channel count with a fitting extractor
+    assert evaluate(four, four.flip(0), feature_extractor="pixels")["num_samples"] == 12
     for batch_size, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError)):
         with pytest.raises(error, match="batch_size"):
             RandomConvFeatures(batch_size=batch_size)

@@ -93,12 +93,14 @@ def run(args) -> int:
     name = f"samples_{args.sampler}{guided}{labelled}_seed{args.seed}"
     prefix = Path(args.out) if args.out else run_dir / name
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    png = save_image_grid(images, prefix.with_suffix(".png"))
     npz = prefix.with_suffix(".npz")
     extra = {} if y is None else {"labels": y.cpu().numpy()}
     np.savez(npz, images=images.numpy(), **extra)
+    written = str(npz)
+    if images.shape[1] in (1, 3):  # a picture; other channel counts (latents) only as .npz
+        written = f"{save_image_grid(images, prefix.with_suffix('.png'))}, {npz}"
     print(f"ant sample: {args.num} images ({args.sampler}"
           f"{'' if args.sampler == 'ddpm' else f', {steps} steps'}"
           f"{'' if scale == 1 else f', guidance scale {scale:.15g}'}, "
-          f"{'raw' if args.no_ema else 'EMA'} weights, step {state['step']}) -> {png}, {npz}")
+          f"{'raw' if args.no_ema else 'EMA'} weights, step {state['step']}) -> {written}")
     return 0

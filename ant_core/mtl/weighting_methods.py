@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_float, check_int
+from ..checks import TORCH_SEEDS, check_float, check_int
 from ..sampling import group_counts
 from . import distributed
 from .base import MTLMethod, register
@@ -125,7 +125,7 @@ class RandomLossWeighting(_LossWeighting):
 
     def __init__(self, num_tasks, *, seed: int = 0, process_group=None):
         super().__init__(num_tasks, process_group=process_group)
-        self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0))
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, *TORCH_SEEDS))
 
     def _weights(self, global_losses, present, scale):
         z = torch.randn(self.num_tasks, generator=self.generator, dtype=torch.float64)
