@@ -75,3 +75,14 @@ def test_cluster_errors(args, message, tmp_path):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""  # nothing printed before failing
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    """`ant cluster --k 300 | head -1`: the reader leaves before the table is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "ant_core.cli", "cluster", "--k", "300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -9,6 +9,8 @@
 `ant cluster` does not import torch; the other subcommands import it inside their functions.
 """
 import argparse
+import os
+import sys
 
 from . import affinity, cluster, demo, sample, train
 
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `ant cluster | head`: the reader left; no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         parser.exit(2, f"ant {args.command}: error: {exc}\n")
     except RuntimeError as exc:
