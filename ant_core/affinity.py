@@ -340,6 +340,9 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
                 block = rows[:, start:start + (1 << 16)].double()
                 gram += block @ block.T
             gram = gram.cpu().numpy()
+            if not np.isfinite(gram).all():
+                raise ValueError(f"models[{c}]: the gradients are not finite (NaN or infinite "
+                                 "weights or data, or an overflow); no affinity from them")
             norm = np.sqrt(np.clip(np.diag(gram), 0, None))
             if np.any(norm == 0):
                 raise ValueError(f"models[{c}]: a timestep's gradient is exactly zero; the "

@@ -151,6 +151,11 @@ def load_resume_checkpoint(resume, directory, config):
     path = latest_checkpoint(directory) if resume is True else Path(resume)
     if path is None:
         raise ValueError(f"resume: no checkpoint in {directory}")
+    if resume is not True and list_checkpoints(directory) and \
+            Path(resume).resolve().parent != directory.resolve():
+        raise ValueError(f"resume: {directory} already holds checkpoints of a run; resuming "
+                         f"{resume} from elsewhere would mix two runs there; resume one of its "
+                         "own checkpoints or choose an empty out folder")
     state = load_checkpoint(path)
     later = [p.name for p in list_checkpoints(directory) if checkpoint_step(p) > state["step"]]
     if later:  # pruning would rank them above the new branch and delete its checkpoints

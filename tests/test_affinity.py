@@ -328,6 +328,12 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(tmp_path):
         estimate_affinity(model, batches, M=4, interpolation="cubic", **kw)
     with pytest.raises(ValueError, match="seed"):
         estimate_affinity(model, batches, M=4, seed=-1, **kw)
+    broken = small_model(0)
+    with torch.no_grad():
+        next(broken.parameters()).view(-1)[0] = float("nan")
+    for bad_model, data in ((broken, batches), (model, [x * 1e30 for x in batches])):
+        with pytest.raises(ValueError, match=r"models\[0\]: the gradients are not finite"):
+            estimate_affinity(bad_model, data, M=4, diffusion=GaussianDiffusion("linear", 50))
     with pytest.raises(ValueError, match="grid must be a square"):
         expand_grid(np.zeros((3, 4)), 10)
 

@@ -286,6 +286,32 @@ def test_latent_like_data_with_four_channels_trains_and_samples_to_npy(tmp_path,
     assert not (tmp_path / "s.png").exists() and "s.npz" in capsys.readouterr().out
 
 
+def test_resume_from_a_file_never_writes_into_an_unrelated_folder(tmp_path, capsys):
+    """A checkpoint outside <run>/checkpoints/ has no known run folder (its grandparent was
+    used, e.g. the home folder); resuming run B's checkpoint into run A's folder mixed them."""
+    import shutil
+
+    for name in ("a", "b"):
+        assert main(["train", *TINY, "--steps", "2", "--out", str(tmp_path / name)]) == 0
+    loose = tmp_path / "loose" / "sub"
+    loose.mkdir(parents=True)
+    shutil.copy(ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints"), loose / "c.pt")
+    capsys.readouterr()
+    for args, message in ((["--resume", str(loose / "c.pt")], "pass --out DIR"),
+                          (["--resume", str(ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints")),
+                            "--out", str(tmp_path / "a")], "would mix two runs")):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", *args, "--steps", "3"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "loose").iterdir()) == ["sub"]
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path / "a" / "checkpoints")] \
+        == [2]
+    # with --out, a loose checkpoint continues into a new folder
+    assert main(["train", "--resume", str(loose / "c.pt"), "--steps", "3", "--out",
+                 str(tmp_path / "c")]) == 0
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "c" / "checkpoints")) == 3
+
+
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--out", str(out), "--no-progress", "--threads", "1",

@@ -124,7 +124,11 @@ def _train_config_from_args(args):
             if resume is None:
                 raise ValueError(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}")
         values.update(load_checkpoint(resume, mmap=True)["config"])  # the config only
-        values["out"] = args.out or str(Path(resume).resolve().parent.parent)
+        folder = Path(resume).resolve().parent
+        if not (args.out or file_values.get("out")) and folder.name != "checkpoints":
+            raise ValueError(f"--resume {resume}: the file is not in a run's checkpoints/ "
+                             "folder, so the run folder is unknown; pass --out DIR")
+        values["out"] = args.out or str(folder.parent)
     values.update(file_values)  # only the fields the file sets: over a resumed run's config
     values.update(_given_fields(args))
     if args.out:
