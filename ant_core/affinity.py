@@ -153,9 +153,19 @@ class AffinityResult:
                 path.with_suffix(".npy")
         side = path.with_suffix(".json")
         meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps]}
+
+        def plain(value):  # numpy numbers and arrays in user metadata
+            if hasattr(value, "tolist"):
+                return value.tolist()
+            raise TypeError(f"metadata: {type(value).__name__} is not JSON-serialisable")
+
+        try:  # before writing anything: no matrix without its sidecar
+            text = json.dumps(meta, indent=2, default=plain, allow_nan=False)
+        except ValueError:
+            raise ValueError("metadata: NaN or infinite values are not valid JSON") from None
         # atomic: the matrix feeds training runs; a killed write must not leave half a file
         atomic_write(path, lambda f: np.save(f, self.matrix.astype(np.float64)))
-        atomic_write(side, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(side, lambda f: f.write(text.encode()))
         return path, side
 
 

@@ -93,11 +93,15 @@ def load_model(path, ema: bool = True, device="cpu"):
     from .models import create_model
 
     state = load_checkpoint(path)
-    cfg = state["config"]
-    model = create_model(state["model_kind"], **state["model_config"])
-    model.load_state_dict(state["ema"]["model"] if ema else state["model"])
-    model.to(device).eval()
-    return model, GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"]), state
+    try:
+        cfg = state["config"]
+        model = create_model(state["model_kind"], **state["model_config"])
+        model.load_state_dict(state["ema"]["model"] if ema else state["model"])
+        diffusion = GaussianDiffusion(cfg["schedule"], cfg["T"], cfg["prediction"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or edited file
+        raise CheckpointError(f"checkpoint {path} does not hold a loadable model "
+                              f"({type(exc).__name__}: {exc})") from None
+    return model.to(device).eval(), diffusion, state
 
 
 def checkpoint_step(path) -> int:

@@ -53,7 +53,14 @@ class IntervalClusters:
     labels: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        bounds = tuple((int(s), int(e)) for s, e in self.bounds)
+        try:
+            pairs = [tuple(b) for b in self.bounds]
+        except TypeError:
+            raise TypeError(f"bounds must be (start, end) pairs, got {self.bounds!r}") from None
+        if any(len(b) != 2 for b in pairs):
+            raise ValueError(f"bounds must be (start, end) pairs, got {self.bounds!r}")
+        bounds = tuple((check_int("bounds start", s, 0), check_int("bounds end", e, 0))
+                       for s, e in pairs)
         if not bounds:
             raise ValueError("bounds must hold at least one interval")
         if bounds[0][0] != 0:
@@ -78,6 +85,9 @@ class IntervalClusters:
     @classmethod
     def uniform(cls, T: int, k: int) -> "IntervalClusters":
         """k near-equal intervals (the larger ones last), as the reference code's uniform bins."""
+        T, k = check_int("T", T, 1), check_int("k", k, 1)
+        if k > T:
+            raise ValueError(f"k must be <= T, got k={k} > T={T}")
         edges = [round(i * T / k) for i in range(k + 1)]
         return cls.from_bounds(list(zip(edges[:-1], edges[1:])), objective="uniform")
 
@@ -104,6 +114,8 @@ class IntervalClusters:
     def group_of(self, t):
         """Interval index of timestep(s) t (an int or an integer array)."""
         t_arr = np.asarray(t)
+        if not np.issubdtype(t_arr.dtype, np.integer):
+            raise TypeError(f"t must be an integer or an integer array, got {t_arr.dtype}")
         if np.any(t_arr < 0) or np.any(t_arr >= self.T):
             raise ValueError(f"t must lie in [0, {self.T})")
         return np.searchsorted(self.ends, t_arr, side="right")
@@ -122,6 +134,8 @@ class IntervalClusters:
 
     @classmethod
     def from_dict(cls, d: dict) -> "IntervalClusters":
+        if not isinstance(d, dict) or "bounds" not in d:
+            raise ValueError(f"clusters must be a dict with 'bounds' (to_dict's form), got {d!r}")
         cost = d.get("cost")
         return cls(
             bounds=tuple(tuple(b) for b in d["bounds"]),
@@ -239,7 +253,7 @@ def interval_clustering(
     """
     k = check_int("k", k, 1)
     min_size = check_int("min_size", min_size, 1)
-    max_size = None if max_size is None else check_int("max_size", max_size, 1)
+    max_size = None if max_size is None else check_int("max_size", max_size, 1, 2**62)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     objective = _resolve_objective(objective, values, affinity, cost_matrix)
@@ -321,7 +335,7 @@ def interval_clustering_batched(
 
     k = check_int("k", k, 1)
     min_size = check_int("min_size", min_size, 1)
-    max_size = None if max_size is None else check_int("max_size", max_size, 1)
+    max_size = None if max_size is None else check_int("max_size", max_size, 1, 2**62)
     if (cost_matrices is None) == (affinity is None):
         raise ValueError("pass exactly one of cost_matrices, affinity")
     name = "cost_matrices" if affinity is None else "affinity"

@@ -43,14 +43,14 @@ class CountSketch:
 
     def __init__(self, numels, d: int, seed: int = 0, chunk: int = 1 << 20, cache: bool = True):
         d = check_int("d", d, 1)
-        self.numels = [int(n) for n in numels]
+        self.numels = [check_int(f"numels[{i}]", n, 0) for i, n in enumerate(numels)]
         if any(n >= _PRIME for n in self.numels):
             raise ValueError("a parameter tensor has more than 2^31 - 2 elements")
-        self.d, self.chunk, self.cache = int(d), int(chunk), bool(cache)
+        self.d, self.chunk, self.cache = d, check_int("chunk", chunk, 1), bool(cache)
         if 2 * self.d >= 2**31:
             raise ValueError(f"d must be < 2^30, got {d}")
         self._codes = {}
-        rng = np.random.default_rng([int(seed), 0x5CE7C4])
+        rng = np.random.default_rng([check_int("seed", seed, 0), 0x5CE7C4])
         # per tensor: the bucket hash (a in [1, p), b in [0, p)), the sign cubic (c3, c2, c1, c0)
         self.coeffs = [(int(rng.integers(1, _PRIME)), int(rng.integers(0, _PRIME)),
                         tuple(int(c) for c in rng.integers(0, _PRIME, size=4)))

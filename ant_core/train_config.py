@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,11 +125,13 @@ class TrainConfig:
                 continue
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value)
+            elif isinstance(default, int):  # numpy integers too, stored as int
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, f.name, int(value))
+            elif isinstance(default, float):  # an int too large for a float is not finite
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                    and math.isfinite(_as_float(value))
                 if ok:
                     object.__setattr__(self, f.name, float(value))
             else:
@@ -199,6 +202,13 @@ class TrainConfig:
         return 1 if self.method_key == "vanilla" else self.k
 
 
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def read_config_file(path) -> dict:
     """The field values a .json (always) or .yaml/.yml (needs PyYAML) config file sets — only
     those, no defaults filled in, so that the file can be merged over a resumed run's config."""
@@ -234,11 +244,16 @@ def check_device(device: str) -> str:
 
 
 def require_available(device) -> None:
-    """ValueError when ``device`` (a name or torch.device) is a CUDA device this torch lacks."""
+    """ValueError when ``device`` (a name or torch.device) is a CUDA device this machine lacks
+    (no CUDA at all, or an index past the devices there are)."""
     import torch
 
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}: this torch has no CUDA device")
+    name = str(device)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: this torch has no CUDA device")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def resolve_device(device: str) -> str:

@@ -44,8 +44,7 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, target: str = "eps") -
     ``SNR = 0`` gives 1 for ε (the limit of ``min(SNR, γ)/SNR``), 0 for v and x0.
     """
     snr = _check_snr(snr)
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    gamma = check_float("gamma", gamma, 0, strict=True)
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     clipped = torch.clamp(snr, max=gamma)
@@ -59,10 +58,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, target: str = "eps") -
 def p2_weight(snr: torch.Tensor, k: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
     """P2 weight ``1 / (k + SNR)^γ`` (γ = 0 gives 1, vanilla)."""
     snr = _check_snr(snr)
-    if not k > 0:
-        raise ValueError(f"k must be > 0, got {k}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    k = check_float("k", k, 0, strict=True)
+    gamma = check_float("gamma", gamma, 0)
     return (k + snr).pow(-gamma)
 
 
@@ -110,7 +107,11 @@ class ContinuousUncertainty(nn.Module):
                 check: bool = True) -> torch.Tensor:
         """Per-sample ``loss · e^{−u} + u`` (B,); average it for the training loss. ``check`` as
         in :meth:`log_variance`."""
-        if not isinstance(loss, torch.Tensor) or loss.shape != log_snr.shape:
-            raise ValueError("loss must be a tensor with the shape of log_snr (B,)")
+        if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
+            raise TypeError(f"loss must be a floating-point tensor (B,), got "
+                            f"{getattr(loss, 'dtype', type(loss).__name__)}")
         u = self.log_variance(log_snr, check=check)
+        if loss.shape != u.shape:
+            raise ValueError(f"loss must have the shape of log_snr {tuple(u.shape)}, got "
+                             f"{tuple(loss.shape)}")
         return loss * torch.exp(-u) + u

@@ -405,6 +405,24 @@ def test_cli_end_to_end(tmp_path, capsys):
               "--k", "0", "--no-progress"])
     assert exc.value.code == 2 and "--k must be >= 1" in capsys.readouterr().err
     assert not late.exists()
+    one = ckpt_file
+    for args, message in (([str(run), "--plot", str(tmp_path / "x.png"), "--k", "999"],
+                           "--k must be <= T=20"),  # was clipped to T silently
+                          ([str(one), str(one)], "given more than once"),  # averaged twice
+                          ([str(run), "--out", str(tmp_path)], "is a folder")):
+        with pytest.raises(SystemExit) as exc:
+            main(["affinity", *args, "--M", "4", "--no-progress"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not late.exists() and not (tmp_path / "x.png").exists()
+    batches = fixed_batches(1)
+    result = estimate_affinity(small_model(0), batches, loss_fn=make_loss(batches), T=50, M=4)
+    result.metadata["numpy"] = np.int64(3)  # serialised as a number
+    result.save(tmp_path / "m.npy")
+    assert json.loads((tmp_path / "m.json").read_text())["numpy"] == 3
+    result.metadata["bad"] = float("nan")
+    with pytest.raises(ValueError, match="metadata"):
+        result.save(tmp_path / "n.npy")
+    assert not (tmp_path / "n.npy").exists()  # no matrix without its sidecar
     # the default grid fits a run with T < 100
     assert main(["affinity", str(run), "--last", "1", "--d", "64", "--batches", "1",
                  "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "d.npy")]) == 0
@@ -490,3 +508,17 @@ def test_linear_interpolation_and_saving(tmp_path):
         with pytest.raises(ValueError, match="log_snr"):
             plot_clusters(clusters, np.zeros(5), tmp_path / "e.png")
         assert plot_clusters(clusters, None, tmp_path / "new" / "f.png").stat().st_size > 0
+
+
+def test_count_sketch_checks_its_arguments():
+    """chunk=-1 sketched everything to zeros; 10.7 elements became 10; seeds 1.2 and 1.5 were
+    the same sketch."""
+    for kwargs, error, name in (({"chunk": -1}, ValueError, "chunk"),
+                                ({"chunk": 0}, ValueError, "chunk"),
+                                ({"numels": [10.7]}, TypeError, r"numels\[0\]"),
+                                ({"numels": [4, -1]}, ValueError, r"numels\[1\]"),
+                                ({"seed": 1.5}, TypeError, "seed"),
+                                ({"seed": -1}, ValueError, "seed")):
+        args = {"numels": [10, 12], "d": 8, **kwargs}
+        with pytest.raises(error, match=name):
+            CountSketch(**args)

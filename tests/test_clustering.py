@@ -378,10 +378,34 @@ def test_interval_clusters_type():
     (dict(k=2, objective="timestep", schedule=schedules.linear(50).alphas_cumprod, T=60),
      ValueError, "does not match"),
     (dict(k=2, schedule="quadratic"), ValueError, "schedule must be one of"),
+    (dict(k=1, objective="timestep", T=5, min_size=6), ValueError,  # named max_size before
+     "min_size must be <= T, got min_size=6 > T=5"),
+    (dict(k=1, objective="timestep", T=5, max_size=2**63), ValueError, "max_size must be in"),
 ])
 def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         interval_clustering(**kwargs)
+
+
+def test_interval_clusters_refuse_what_they_would_change():
+    """2.5 became 2 and "3" was accepted as a bound; uniform(10.6, 2) had T = 11 and
+    uniform(10, 0) divided by zero; group_of(nan) returned k."""
+    for bounds, error in (([(0, 2.5), (2.5, 5)], TypeError), ([[0, "3"], ["3", 5]], TypeError),
+                          ([(0, 2, 3)], ValueError), ([3, 5], TypeError)):
+        with pytest.raises(error, match="bounds"):
+            IntervalClusters.from_bounds(bounds)
+    assert IntervalClusters.from_bounds([(np.int64(0), np.int32(4))]).bounds == ((0, 4),)
+    for T, k, error, name in ((10.6, 2, TypeError, "T"), (10, 0, ValueError, "k"),
+                              (3, 5, ValueError, "k must be <= T")):
+        with pytest.raises(error, match=name):
+            IntervalClusters.uniform(T, k)
+    with pytest.raises(ValueError, match="'bounds'"):
+        IntervalClusters.from_dict({})
+    c = IntervalClusters.uniform(10, 2)
+    for t in (np.nan, 2.5):
+        with pytest.raises(TypeError, match="t must be an integer"):
+            c.group_of(t)
+    assert c.group_of(np.array([0, 9])).tolist() == [0, 1]
 
 
 def test_zero_terminal_snr_is_a_clear_error_for_log_snr():

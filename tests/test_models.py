@@ -224,6 +224,7 @@ def test_bad_config_raises_naming_argument(kind, config, arg):
     ("unet", dict(mid_attention="no"), "mid_attention"),
     ("dit", dict(learn_pos_embed="no"), "learn_pos_embed"),
     ("dit", dict(mlp_ratio="4"), "mlp_ratio"),
+    ("unet", dict(dropout="0.1"), "dropout"),
 ])
 def test_wrong_types_in_a_config_are_refused_not_coerced(kind, config, arg):
     """A JSON --model-config can carry these: 16.7 must not become 16, "no" must not be True."""

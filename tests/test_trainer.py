@@ -456,12 +456,36 @@ def test_corrupt_checkpoint_is_a_clear_error_and_untouched(tmp_path):
         ckpt.load_checkpoint(path)
 
 
+
+def test_config_takes_numpy_numbers_as_python_ones():
+    cfg = TrainConfig(T=np.int64(100), steps=np.int32(5), lr=np.float32(0.5)).validate()
+    assert (type(cfg.T), type(cfg.steps), type(cfg.lr)) == (int, int, float)
+    assert cfg.T == 100 and cfg.lr == 0.5
+    json.dumps(cfg.to_dict())  # still serialisable (the run folder's config.json)
+
+
+def test_load_model_of_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+    """Ours by its format tag, but with keys missing or weights that do not fit its model
+    config: a CheckpointError (the CLI reports it) instead of a bare KeyError/RuntimeError."""
+    result = train(tiny(tmp_path, steps=1))
+    good = ckpt.load_checkpoint(result["checkpoint"])
+    assert ckpt.load_model(result["checkpoint"])[2]["step"] == 1
+    for damage in ({"model_kind": None}, {"config": {}},
+                   {"model_config": {**good["model_config"], "hidden_size": 64}}):
+        state = {k: v for k, v in good.items() if not (k in damage and damage[k] is None)}
+        state.update({k: v for k, v in damage.items() if v is not None})
+        torch.save(state, tmp_path / "damaged.pt")
+        with pytest.raises(ckpt.CheckpointError, match="does not hold a loadable model"):
+            ckpt.load_model(tmp_path / "damaged.pt")
+
+
 @pytest.mark.parametrize("values, field", [
     ({"lr": -1.0}, "lr"), ({"steps": 0}, "steps"), ({"steps": "10"}, "steps"),
     ({"k": 60, "T": 50}, "k"), ({"method": "magic"}, "method"), ({"amp": "fp8"}, "amp"),
     ({"ema_decay": 1.0}, "ema_decay"), ({"objective": "affinity"}, "affinity"),
     ({"engine": "one-backward", "method": "uw"}, "engine"), ({"lr": float("nan")}, "lr"),
     ({"batch_size": True}, "batch_size"), ({"learning_rate": 1.0}, "learning_rate"),
+    ({"lr": 10**400}, "lr"),
     ({"label_dropout": 1.0, "class_conditional": True}, "label_dropout"),
     ({"label_dropout": -0.1, "class_conditional": True}, "label_dropout"),
     ({"label_dropout": 0.1}, "label_dropout"),
@@ -611,3 +635,19 @@ def test_builtin_png_writer_roundtrips(tmp_path):
         with Image.open(path) as img:
             back = np.asarray(img)
         np.testing.assert_array_equal(back.reshape(array.shape), array)
+
+
+def test_device_names_are_checked_against_the_machine(monkeypatch):
+    from ant_core.train_config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="this torch has no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("auto") == "cuda"
+    with pytest.raises(ValueError, match=r"2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:7")  # failed later inside torch.cuda.set_device
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("mps")

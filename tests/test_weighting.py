@@ -58,6 +58,21 @@ def test_bad_inputs():
         ContinuousUncertainty()(torch.ones(2), torch.tensor([float("nan"), 0.0]))
     with pytest.raises(ValueError, match="log_snr"):  # a zero-terminal-SNR schedule's -inf
         ContinuousUncertainty()(torch.ones(2), torch.tensor([float("-inf"), 0.0]))
+    for fn, kwargs, error in ((min_snr_weight, {"gamma": float("inf")}, ValueError),
+                              (min_snr_weight, {"gamma": "5"}, TypeError),
+                              (min_snr_weight, {"gamma": True}, TypeError),
+                              (p2_weight, {"gamma": float("inf")}, ValueError),
+                              (p2_weight, {"k": float("nan")}, ValueError),
+                              (p2_weight, {"k": torch.ones(2)}, TypeError)):
+        with pytest.raises(error, match=next(iter(kwargs))):  # inf gave NaN / inf weights
+            fn(SNR, **kwargs)
+    u = ContinuousUncertainty()
+    with pytest.raises(TypeError, match="log_snr"):
+        u(torch.ones(2), [1.0, 2.0])
+    for loss, error in ((torch.ones(2, dtype=torch.long), TypeError),
+                        (torch.ones(2).bool(), TypeError), (torch.ones(3), ValueError)):
+        with pytest.raises(error, match="loss"):
+            u(loss, torch.tensor([1.0, 2.0]))
 
 
 def test_min_snr_eps_weight_of_zero_snr_is_one_for_both_signed_zeros():

@@ -68,11 +68,19 @@ def run(args) -> int:
             raise ValueError(f"--k must be >= 1, got {args.k}")
         check_plot_path(args.plot)
     files = [f for c in args.checkpoints for f in _checkpoint_files(c)]
+    resolved = [Path(f).resolve() for f in files]
+    repeated = sorted({str(f) for f in resolved if resolved.count(f) > 1})
+    if repeated:  # it would be averaged in twice
+        raise ValueError(f"checkpoints: {repeated} given more than once")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name (FILE.npy)")
     if args.last is not None:
         if args.last < 1:
             raise ValueError(f"--last must be >= 1, got {args.last}")
         files = files[-args.last:]
     config = TrainConfig.from_dict(load_checkpoint(files[-1], mmap=True)["config"])
+    if args.plot and args.k > config.T:  # the plot's intervals; refused before the estimate
+        raise ValueError(f"--k must be <= T={config.T}, got {args.k}")
     device = resolve_device(args.device)
     result = estimate_affinity(
         files, build_dataset(config), M=args.M, d=args.d, exact=args.exact,
@@ -92,10 +100,9 @@ def run(args) -> int:
           f"{args.batches} x {args.batch_size} images; off-diagonal mean "
           f"{off.mean() if off.size else 1.0:.4f} -> {npy}, {side}")
     if args.plot:
-        k = min(args.k, len(A))
-        clusters = interval_clustering(k, "affinity", affinity=A)
+        clusters = interval_clustering(args.k, "affinity", affinity=A)
         log_snr = schedules.get_schedule(config.schedule, config.T).log_snr
         plot_affinity(A, args.plot, log_snr=log_snr, clusters=clusters,
                       title=f"task affinity, {config.model}, T={config.T}")
-        print(f"plot written to {args.plot} (k={k}: {list(clusters.bounds)})")
+        print(f"plot written to {args.plot} (k={args.k}: {list(clusters.bounds)})")
     return 0

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_float, check_int
 from .layers import (LabelEmbedder, TimestepEmbedder, check_bool, check_int_sequence,
                      prepare_inputs, zero_module)
 
@@ -129,7 +129,8 @@ class UNet(nn.Module):
         if not channel_mult:
             raise ValueError("channel_mult must not be empty")
         check_bool("mid_attention", mid_attention)
-        if not 0.0 <= dropout < 1.0:
+        dropout = check_float("dropout", dropout, 0)
+        if dropout >= 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:

@@ -80,6 +80,9 @@ inline int64_t checked_max_size(int64_t T, int64_t K, const SizeBounds& b) {
   if (b.max_size < 0)
     throw std::invalid_argument("max_size must be >= 1 (or 0/None for no bound), got " +
                                 std::to_string(b.max_size));
+  if (b.min_size > T)
+    throw std::invalid_argument("min_size must be <= T, got min_size=" +
+                                std::to_string(b.min_size) + " > T=" + std::to_string(T));
   const int64_t mx = b.max_size == 0 ? T : std::min(b.max_size, T);
   if (mx < b.min_size)
     throw std::invalid_argument("max_size (" + std::to_string(b.max_size) +
