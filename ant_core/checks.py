@@ -36,7 +36,10 @@ def check_float(name: str, value, minimum=None, *, strict: bool = False) -> floa
     value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range is not finite
+        value = math.inf if value > 0 else -math.inf
     low_ok = minimum is None or (value > minimum if strict else value >= minimum)
     if not math.isfinite(value) or not low_ok:
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"

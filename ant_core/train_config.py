@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mtl
+from .checks import check_float
 from .diffusion import PREDICTIONS
 from .schedules import SCHEDULES
 
@@ -129,11 +129,12 @@ class TrainConfig:
                 ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
                 if ok:
                     object.__setattr__(self, f.name, int(value))
-            elif isinstance(default, float):  # an int too large for a float is not finite
-                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) \
-                    and math.isfinite(_as_float(value))
-                if ok:
-                    object.__setattr__(self, f.name, float(value))
+            elif isinstance(default, float):  # numpy numbers too, stored as float
+                try:
+                    object.__setattr__(self, f.name, check_float(f.name, value))
+                    ok = True
+                except (TypeError, ValueError):
+                    ok = False
             else:
                 ok = isinstance(value, type(default))
             if not ok:
@@ -200,13 +201,6 @@ class TrainConfig:
     @property
     def num_clusters(self) -> int:
         return 1 if self.method_key == "vanilla" else self.k
-
-
-def _as_float(value) -> float:
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
 
 
 def read_config_file(path) -> dict:

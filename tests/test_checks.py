@@ -45,7 +45,10 @@ def test_check_float():
                                          "got nan"),
                                         (float("inf"), 0, False, "lr must be a finite number >= 0"),
                                         (0.0, 0, True, "lr must be a finite number > 0, got 0.0"),
-                                        (-1e-9, 0, False, "lr must be a finite number >= 0")):
+                                        (-1e-9, 0, False, "lr must be a finite number >= 0"),
+                                        (10**400, None, False, "lr must be a finite number, "
+                                         "got inf"),
+                                        (-10**400, None, False, "lr must be a finite number")):
         with pytest.raises(ValueError, match=f"^{message}"):
             check_float("lr", value, low, strict=strict)
 
