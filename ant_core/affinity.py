@@ -148,6 +148,9 @@ class AffinityResult:
     def save(self, path) -> tuple:
         """Write ``path`` (.npy, the T x T matrix) and its JSON sidecar ``path.json``."""
         path = Path(path)
+        if path.suffix == ".json":
+            raise ValueError(f"path {str(path)!r}: give the .npy name; the .json sidecar is "
+                             "written next to it")
         if path.suffix != ".npy":
             path = path.with_suffix(path.suffix + ".npy") if path.suffix else \
                 path.with_suffix(".npy")
@@ -276,7 +279,7 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         raise ValueError(f"T={T} does not match the diffusion's T={diffusion.T}")
     M = min(T, 100) if M is None else M
     lo, hi = timestep_grid(T, M)
-    d = check_int("d", d, 1)
+    d = None if exact else check_int("d", d, 1)  # exact: no sketch, d is not used
     batches = check_int("batches", batches, 1)
     if timesteps not in ("center", "random"):
         raise ValueError(f"timesteps must be 'center' or 'random', got {timesteps!r}")

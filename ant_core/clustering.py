@@ -257,6 +257,9 @@ def interval_clustering(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     objective = _resolve_objective(objective, values, affinity, cost_matrix)
+    if schedule is not None and objective not in ("timestep", "snr", "log_snr"):
+        raise ValueError(f"schedule does not apply to objective={objective!r}, whose costs come "
+                         "from values / affinity / cost_matrix alone (it would be ignored)")
     dp = _load_extension("_dp")
 
     if objective in ("timestep", "snr", "log_snr", "abs", "sse"):

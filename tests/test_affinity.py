@@ -419,6 +419,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     result.metadata["numpy"] = np.int64(3)  # serialised as a number
     result.save(tmp_path / "m.npy")
     assert json.loads((tmp_path / "m.json").read_text())["numpy"] == 3
+    with pytest.raises(ValueError, match="give the .npy name"):
+        result.save(tmp_path / "m.json")  # wrote m.json.npy and m.json.json
+    assert estimate_affinity(small_model(0), batches, loss_fn=make_loss(batches), T=50, M=4,
+                             exact=True, d=0).metadata["d"] is None  # d is unused when exact
     result.metadata["bad"] = float("nan")
     with pytest.raises(ValueError, match="metadata"):
         result.save(tmp_path / "n.npy")

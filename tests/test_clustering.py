@@ -381,6 +381,8 @@ def test_interval_clusters_type():
     (dict(k=1, objective="timestep", T=5, min_size=6), ValueError,  # named max_size before
      "min_size must be <= T, got min_size=6 > T=5"),
     (dict(k=1, objective="timestep", T=5, max_size=2**63), ValueError, "max_size must be in"),
+    (dict(k=2, values=[1.0, 2.0, 3.0], schedule="cosine"), ValueError, "schedule does not apply"),
+    (dict(k=2, affinity=np.eye(4), schedule="linear"), ValueError, "schedule does not apply"),
 ])
 def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
