@@ -155,8 +155,8 @@ def load_resume_checkpoint(resume, directory, config):
     path = latest_checkpoint(directory) if resume is True else Path(resume)
     if path is None:
         raise ValueError(f"resume: no checkpoint in {directory}")
-    if resume is not True and list_checkpoints(directory) and \
-            Path(resume).resolve().parent != directory.resolve():
+    if resume is not True and Path(resume).is_file() and list_checkpoints(directory) and \
+            not Path(resume).absolute().parent.samefile(directory):
         raise ValueError(f"resume: {directory} already holds checkpoints of a run; resuming "
                          f"{resume} from elsewhere would mix two runs there; resume one of its "
                          "own checkpoints or choose an empty out folder")

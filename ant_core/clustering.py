@@ -36,6 +36,16 @@ _METHODS = ("auto", "exact", "monge")
 _NO_COST = float("nan")  # one NaN object: clusters without a cost compare equal (tuple identity)
 
 
+def _bound(which, value) -> int:
+    """A bound as an int: integers, or floats with an integer value (e.g. from np.loadtxt);
+    2.5 is refused, not truncated."""
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise TypeError(f"bounds {which} must be an integer, got {value!r}")
+        value = int(value)
+    return check_int(f"bounds {which}", value, 0)
+
+
 @dataclass(frozen=True)
 class IntervalClusters:
     """The result of interval clustering.
@@ -59,8 +69,7 @@ class IntervalClusters:
             raise TypeError(f"bounds must be (start, end) pairs, got {self.bounds!r}") from None
         if any(len(b) != 2 for b in pairs):
             raise ValueError(f"bounds must be (start, end) pairs, got {self.bounds!r}")
-        bounds = tuple((check_int("bounds start", s, 0), check_int("bounds end", e, 0))
-                       for s, e in pairs)
+        bounds = tuple((_bound("start", s), _bound("end", e)) for s, e in pairs)
         if not bounds:
             raise ValueError("bounds must hold at least one interval")
         if bounds[0][0] != 0:
@@ -114,7 +123,7 @@ class IntervalClusters:
     def group_of(self, t):
         """Interval index of timestep(s) t (an int or an integer array)."""
         t_arr = np.asarray(t)
-        if not np.issubdtype(t_arr.dtype, np.integer):
+        if t_arr.size and not np.issubdtype(t_arr.dtype, np.integer):
             raise TypeError(f"t must be an integer or an integer array, got {t_arr.dtype}")
         if np.any(t_arr < 0) or np.any(t_arr >= self.T):
             raise ValueError(f"t must lie in [0, {self.T})")
@@ -253,7 +262,7 @@ def interval_clustering(
     """
     k = check_int("k", k, 1)
     min_size = check_int("min_size", min_size, 1)
-    max_size = None if max_size is None else check_int("max_size", max_size, 1, 2**62)
+    max_size = None if max_size is None else check_int("max_size", max_size, 1)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     objective = _resolve_objective(objective, values, affinity, cost_matrix)
@@ -277,7 +286,7 @@ def interval_clustering(
         n = series.size
 
         def solve(m):
-            return dp.solve_series(series, kind, k, min_size, max_size or 0, m)
+            return dp.solve_series(series, kind, k, min_size, min(max_size or 0, n), m)
     else:
         if objective == "cost_matrix":
             matrix = _float_array("cost_matrix", cost_matrix, 2)
@@ -290,7 +299,7 @@ def interval_clustering(
         monge_ok = method != "exact" and dp.is_monge(matrix)
 
         def solve(m):
-            return dp.solve_matrix(matrix, k, min_size, max_size or 0, m)
+            return dp.solve_matrix(matrix, k, min_size, min(max_size or 0, n), m)
 
     if k > n:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={n}")
@@ -338,7 +347,7 @@ def interval_clustering_batched(
 
     k = check_int("k", k, 1)
     min_size = check_int("min_size", min_size, 1)
-    max_size = None if max_size is None else check_int("max_size", max_size, 1, 2**62)
+    max_size = None if max_size is None else check_int("max_size", max_size, 1)
     if (cost_matrices is None) == (affinity is None):
         raise ValueError("pass exactly one of cost_matrices, affinity")
     name = "cost_matrices" if affinity is None else "affinity"
@@ -364,7 +373,8 @@ def interval_clustering_batched(
                              "precision; rescale")
     if k > data.shape[1]:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={data.shape[1]}")
-    boundaries, costs_by_k = torch_ops().interval_dp_batched(costs, k, min_size, max_size or 0)
+    boundaries, costs_by_k = torch_ops().interval_dp_batched(
+        costs, k, min_size, min(max_size or 0, data.shape[1]))
     boundaries, costs_by_k = boundaries.cpu().numpy(), costs_by_k.cpu().numpy()
     overflowed = np.flatnonzero(~np.isfinite(costs_by_k[:, -1]))
     if overflowed.size:  # the CPU solver raises this itself; the CUDA kernel reports it here

@@ -185,6 +185,9 @@ def _check_scored_images(name, images):
     images = _check_images(name, images)
     if not images.is_floating_point():
         raise TypeError(f"{name} must be floating-point images in [-1, 1], got {images.dtype}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        raise ValueError(f"{name} of shape {tuple(images.shape)} look channels-last; pass "
+                         "(N, C, H, W) (e.g. images.permute(0, 3, 1, 2))")
     low, high = float(images.min()), float(images.max())  # NaN fails both comparisons below
     if not (-1 - 1e-6 <= low and high <= 1 + 1e-6):
         raise ValueError(f"{name} must lie in [-1, 1] (clamp model samples; map [0, 255] or "

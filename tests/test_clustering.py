@@ -380,7 +380,6 @@ def test_interval_clusters_type():
     (dict(k=2, schedule="quadratic"), ValueError, "schedule must be one of"),
     (dict(k=1, objective="timestep", T=5, min_size=6), ValueError,  # named max_size before
      "min_size must be <= T, got min_size=6 > T=5"),
-    (dict(k=1, objective="timestep", T=5, max_size=2**63), ValueError, "max_size must be in"),
     (dict(k=2, values=[1.0, 2.0, 3.0], schedule="cosine"), ValueError, "schedule does not apply"),
     (dict(k=2, affinity=np.eye(4), schedule="linear"), ValueError, "schedule does not apply"),
 ])
@@ -397,6 +396,11 @@ def test_interval_clusters_refuse_what_they_would_change():
         with pytest.raises(error, match="bounds"):
             IntervalClusters.from_bounds(bounds)
     assert IntervalClusters.from_bounds([(np.int64(0), np.int32(4))]).bounds == ((0, 4),)
+    assert IntervalClusters.from_bounds(np.loadtxt(["0 5", "5 9"])).bounds == ((0, 5), (5, 9))
+    # a max_size at or beyond T is no bound (sys.maxsize is a common "unbounded")
+    import sys
+    assert interval_clustering(2, "timestep", T=10, max_size=sys.maxsize).bounds == \
+        interval_clustering(2, "timestep", T=10).bounds
     for T, k, error, name in ((10.6, 2, TypeError, "T"), (10, 0, ValueError, "k"),
                               (3, 5, ValueError, "k must be <= T")):
         with pytest.raises(error, match=name):
@@ -407,7 +411,7 @@ def test_interval_clusters_refuse_what_they_would_change():
     for t in (np.nan, 2.5):
         with pytest.raises(TypeError, match="t must be an integer"):
             c.group_of(t)
-    assert c.group_of(np.array([0, 9])).tolist() == [0, 1]
+    assert c.group_of(np.array([0, 9])).tolist() == [0, 1] and c.group_of([]).size == 0
 
 
 def test_zero_terminal_snr_is_a_clear_error_for_log_snr():

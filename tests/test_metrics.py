@@ -247,6 +247,7 @@ def test_evaluate_refuses_images_it_would_score_meaninglessly():
     real = torch.rand(12, 3, 8, 8) * 2 - 1
     for bad, error, message in (
             ((real * 127.5 + 127.5).to(torch.uint8), TypeError, "samples must be floating"),
+            (real.permute(0, 2, 3, 1), ValueError, "look channels-last"),
             (real * 127.5 + 127.5, ValueError, r"samples must lie in \[-1, 1\]"),
             (real.masked_fill(real > 0.9, float("nan")), ValueError, "samples must lie in"),
             (real[:0], ValueError, "N >= 1")):

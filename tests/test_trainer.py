@@ -651,3 +651,30 @@ def test_device_names_are_checked_against_the_machine(monkeypatch):
         resolve_device("cuda:7")  # failed later inside torch.cuda.set_device
     with pytest.raises(ValueError, match="device must be"):
         resolve_device("mps")
+
+
+def test_resume_with_symlinked_checkpoints_and_a_missing_file(tmp_path):
+    """Checkpoint files linked into <run>/checkpoints from other storage belong to that run
+    (resolve() made them look foreign); a mistyped path is 'not found', not 'mix two runs'."""
+    train(tiny(tmp_path, "run", steps=2, save_every=1, keep_last=0))
+    folder = tmp_path / "run" / "checkpoints"
+    store = tmp_path / "store"
+    store.mkdir()
+    for path in ckpt.list_checkpoints(folder):
+        path.rename(store / path.name)
+        path.symlink_to(store / path.name)
+    # a path, as `ant train --resume --out RUN` passes the newest one
+    assert train(tiny(tmp_path, "run", steps=3, keep_last=0),
+                 resume=ckpt.latest_checkpoint(folder))["step"] == 3
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
+        Trainer(tiny(tmp_path, "run", steps=5), resume=folder / "ckpt_9.pt")
+
+
+def test_public_data_classes_pickle_under_ant_core_data():
+    import pickle
+
+    from ant_core.data import ImageDataset
+
+    data = ProceduralShapes(num_images=4, image_size=8)
+    assert type(data).__module__ == ImageDataset.__module__ == "ant_core.data"
+    assert pickle.loads(pickle.dumps(data)).images.equal(data.images)

@@ -124,7 +124,7 @@ def _train_config_from_args(args):
             if resume is None:
                 raise ValueError(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}")
         values.update(load_checkpoint(resume, mmap=True)["config"])  # the config only
-        folder = Path(resume).resolve().parent
+        folder = Path(resume).absolute().parent  # not resolve(): a symlinked file stays here
         if not (args.out or file_values.get("out")) and folder.name != "checkpoints":
             raise ValueError(f"--resume {resume}: the file is not in a run's checkpoints/ "
                              "folder, so the run folder is unknown; pass --out DIR")

@@ -12,6 +12,9 @@ from .files import IMAGE_EXTENSIONS, get_dataset, load_array, load_digits, load_
 from .loader import InfiniteLoader, make_loader
 from .shapes import SHAPE_KINDS, ProceduralShapes
 
+for _cls in (ImageDataset, ProceduralShapes, InfiniteLoader):  # pickled by the public path
+    _cls.__module__ = __name__
+
 __all__ = [
     "ImageDataset", "ProceduralShapes", "SHAPE_KINDS", "load_image_folder", "load_array",
     "load_digits", "get_dataset", "make_loader", "InfiniteLoader", "IMAGE_EXTENSIONS",

@@ -13,7 +13,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``images``: a finite floating-point tensor (integer images are refused rather than used
     unscaled: :func:`load_array` scales them); C = 1 (grey) or 3 (RGB) make pictures, other
-    channel counts (e.g. latents) train the same and are sampled to ``.npy``.
+    channel counts (e.g. latents) train the same (the trainer writes their sample grids as
+    ``.npy``, ``ant sample`` only the ``.npz``).
     ``num_classes`` is None for unlabelled data (labels default to 0); labels are integers in
     ``[0, num_classes)`` (>= 0 without ``num_classes``); ``class_names`` names them when known. Indexing returns
     ``(image, label)``.
