@@ -138,14 +138,12 @@ def prune_checkpoints(directory, keep: int) -> list:
     return old
 
 
-# --------------------------------------------------------------------------- RNG state
-
-
 def load_resume_checkpoint(resume, directory, config):
     """The checkpoint a run with ``config`` resumes from, loaded and checked: None for ``resume``
     None / False, the newest in ``directory`` for True, else the file ``resume``. ValueError when
-    it is missing, when ``directory`` holds later checkpoints (another continuation), when a
-    config field outside ``RESUME_MUTABLE`` differs, or when it leaves no steps to train.
+    it is missing, when ``directory`` holds checkpoints of another folder's run or later ones
+    (another continuation), when a config field outside ``RESUME_MUTABLE`` differs, or when it
+    leaves no steps to train.
     The state's ``"_path"`` is the file read."""
     from .train_config import RESUME_MUTABLE, TrainConfig, jsonable
 
@@ -179,6 +177,9 @@ def load_resume_checkpoint(resume, directory, config):
                          f"steps={config.steps} leaves nothing to do")
     state["_path"] = str(path)
     return state
+
+
+# --------------------------------------------------------------------------- RNG state
 
 
 def capture_rng_state() -> dict:
