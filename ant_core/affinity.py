@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from .checks import check_int
-from .checkpoint import atomic_write, list_checkpoints, load_checkpoint, load_model
+from .atomic import atomic_write
+from .checkpoint import list_checkpoints, load_checkpoint, load_model
 from .sketch import CountSketch
 from .train_config import require_available
 

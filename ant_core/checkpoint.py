@@ -8,14 +8,14 @@ checkpoint and never destroys the previous one.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "list_checkpoints",
            "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "checkpoint_step",
@@ -37,33 +37,6 @@ def checkpoint_path(directory, step: int) -> Path:
 def atomic_save(obj, path) -> Path:
     """``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def atomic_write(path, write) -> Path:
-    """Call ``write(binary_handle)`` for ``path`` atomically: tmp file in the same folder, fsync,
-    os.replace, then fsync of the folder; a killed write never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX; some filesystems cannot fsync a folder)
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except (AttributeError, OSError):
-        pass
-    return path
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
@@ -150,16 +123,17 @@ def load_resume_checkpoint(resume, directory, config):
     if resume is None or resume is False:
         return None
     directory = Path(directory)
-    path = latest_checkpoint(directory) if resume is True else Path(resume)
+    existing = list_checkpoints(directory)
+    path = (existing[-1] if existing else None) if resume is True else Path(resume)
     if path is None:
         raise ValueError(f"resume: no checkpoint in {directory}")
-    if resume is not True and Path(resume).is_file() and list_checkpoints(directory) and \
+    if resume is not True and Path(resume).is_file() and existing and \
             not Path(resume).absolute().parent.samefile(directory):
         raise ValueError(f"resume: {directory} already holds checkpoints of a run; resuming "
                          f"{resume} from elsewhere would mix two runs there; resume one of its "
                          "own checkpoints or choose an empty out folder")
     state = load_checkpoint(path)
-    later = [p.name for p in list_checkpoints(directory) if checkpoint_step(p) > state["step"]]
+    later = [p.name for p in existing if checkpoint_step(p) > state["step"]]
     if later:  # pruning would rank them above the new branch and delete its checkpoints
         raise ValueError(
             f"resume: {directory} holds checkpoints after step {state['step']} of {path} "

@@ -2,7 +2,7 @@
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "TORCH_SEEDS"]
+__all__ = ["check_int", "check_float", "check_bool", "check_int_sequence", "TORCH_SEEDS"]
 
 #: the seeds torch.Generator.manual_seed takes (negative ones wrap around)
 TORCH_SEEDS = (-(2**63), 2**64 - 1)
@@ -45,3 +45,17 @@ def check_float(name: str, value, minimum=None, *, strict: bool = False) -> floa
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool (TypeError naming ``name`` otherwise: 0, 1 or "no" are not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_int_sequence(name: str, value) -> tuple:
+    """``value`` as a tuple of positive ints (a list/tuple, not a bare int), naming ``name``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    return tuple(check_int(f"{name} entries", v, 1) for v in value)

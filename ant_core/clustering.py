@@ -286,7 +286,7 @@ def interval_clustering(
         n = series.size
 
         def solve(m):
-            return dp.solve_series(series, kind, k, min_size, min(max_size or 0, n), m)
+            return dp.solve_series(series, kind, k, min_size, size_cap, m)
     else:
         if objective == "cost_matrix":
             matrix = _float_array("cost_matrix", cost_matrix, 2)
@@ -299,10 +299,11 @@ def interval_clustering(
         monge_ok = method != "exact" and dp.is_monge(matrix)
 
         def solve(m):
-            return dp.solve_matrix(matrix, k, min_size, min(max_size or 0, n), m)
+            return dp.solve_matrix(matrix, k, min_size, size_cap, m)
 
     if k > n:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={n}")
+    size_cap = min(max_size or 0, n)  # 0: none; one at or beyond T is none either
     if method == "monge" and not monge_ok:
         raise ValueError(
             "method='monge' needs a cost satisfying the quadrangle (Monge) inequality, and this "

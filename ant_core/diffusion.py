@@ -28,12 +28,6 @@ def _check_integer_t(t) -> None:
                         f"{getattr(t, 'dtype', type(t).__name__)}")
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """values[t] reshaped to broadcast against a (B, ...) tensor of `ndim` dims (index_select:
-    a negative t is an error, not an index from the end)."""
-    return values.to(t.device).index_select(0, t.long()).reshape(-1, *([1] * (ndim - 1)))
-
-
 class GaussianDiffusion:
     """The forward process and samplers of a discrete-time Gaussian diffusion.
 
@@ -58,8 +52,19 @@ class GaussianDiffusion:
         self.sqrt_ac = self.alphas_cumprod.sqrt()
         self.sqrt_1m_ac = (1 - self.alphas_cumprod).sqrt()
         self.snr_table = f64(self.schedule.snr)
+        self._on_device = {}  # (table name, device) -> that table on the device, see _gather
 
     # ------------------------------------------------------------------ forward process
+
+    def _gather(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``getattr(self, name)[t]`` reshaped to broadcast against a (B, ...) tensor of ``ndim``
+        dims (index_select: a negative t is an error, not an index from the end). The table is
+        copied to t's device once, not per call (a blocking host-to-device copy on a GPU)."""
+        key = (name, t.device)
+        table = self._on_device.get(key)
+        if table is None:
+            table = self._on_device[key] = getattr(self, name).to(t.device)
+        return table.index_select(0, t.long()).reshape(-1, *([1] * (ndim - 1)))
 
     def _check_t(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         _check_integer_t(t)
@@ -88,8 +93,8 @@ class GaussianDiffusion:
         if noise is None and isinstance(x0, torch.Tensor) and x0.is_floating_point():
             noise = torch.randn_like(x0)
         t = self._check_x0_noise_t(x0, noise, t)
-        a = _gather(self.sqrt_ac, t, x0.dim()).to(x0.dtype)
-        s = _gather(self.sqrt_1m_ac, t, x0.dim()).to(x0.dtype)
+        a = self._gather("sqrt_ac", t, x0.dim()).to(x0.dtype)
+        s = self._gather("sqrt_1m_ac", t, x0.dim()).to(x0.dtype)
         return a * x0 + s * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -99,8 +104,8 @@ class GaussianDiffusion:
             return noise
         if self.prediction == "x0":
             return x0
-        a = _gather(self.sqrt_ac, t, x0.dim()).to(x0.dtype)
-        s = _gather(self.sqrt_1m_ac, t, x0.dim()).to(x0.dtype)
+        a = self._gather("sqrt_ac", t, x0.dim()).to(x0.dtype)
+        s = self._gather("sqrt_1m_ac", t, x0.dim()).to(x0.dtype)
         return a * noise - s * x0
 
     def split_prediction(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
@@ -109,8 +114,8 @@ class GaussianDiffusion:
             raise ValueError(f"output must have x_t's shape {tuple(x_t.shape)}, got "
                              f"{tuple(output.shape)}")
         t = self._check_t(t, x_t.shape[0])
-        a = _gather(self.sqrt_ac, t, x_t.dim()).to(torch.float64)
-        s = _gather(self.sqrt_1m_ac, t, x_t.dim()).to(torch.float64)
+        a = self._gather("sqrt_ac", t, x_t.dim()).to(torch.float64)
+        s = self._gather("sqrt_1m_ac", t, x_t.dim()).to(torch.float64)
         out, xt = output.double(), x_t.double()
         if self.prediction == "eps":
             eps = out
@@ -126,7 +131,7 @@ class GaussianDiffusion:
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = alpha_bar / (1 - alpha_bar) for integer timesteps t (float32)."""
         _check_integer_t(t)
-        return _gather(self.snr_table, t.reshape(-1), 1).reshape(t.shape).float()
+        return self._gather("snr_table", t.reshape(-1), 1).reshape(t.shape).float()
 
     # ------------------------------------------------------------------ samplers
 

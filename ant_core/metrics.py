@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int
+from .checks import check_int, check_int_sequence
 
 __all__ = [
     "frechet_distance", "frechet_distance_from_features", "precision_recall", "PixelFeatures",
@@ -236,7 +236,7 @@ class RandomConvFeatures(nn.Module):
                  batch_size: int = 256):
         super().__init__()
         seed = check_int("seed", seed)
-        widths = tuple(check_int("widths entries", w, 1) for w in widths)
+        widths = check_int_sequence("widths", widths)
         if not widths:
             raise ValueError("widths must be a non-empty sequence of ints >= 1")
         in_channels = check_int("in_channels", in_channels, 1)

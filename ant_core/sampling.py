@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_bool, check_int
 
 __all__ = ["StratifiedSampler", "UniformSampler", "NoiseLevelGroups", "group_counts"]
 
@@ -76,8 +76,7 @@ class _ClusterSampler:
         for attr in ("bounds", "labels", "k", "T", "starts", "sizes"):
             if not hasattr(clusters, attr):
                 raise TypeError(f"clusters must be an IntervalClusters (missing {attr!r})")
-        if not isinstance(sort_by_group, bool):
-            raise TypeError(f"sort_by_group must be a bool, got {type(sort_by_group).__name__}")
+        check_bool("sort_by_group", sort_by_group)
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -105,6 +105,8 @@ class Trainer:
             self._all_log_snr = self.diffusion.snr(
                 torch.arange(self.clusters.T, device=self.device)).log()
             self._all_groups = torch.tensor(self.clusters.labels, device=self.device)
+            self._cluster_sizes = torch.tensor(self.clusters.sizes, dtype=torch.float64,
+                                               device=self.device)
         extra = [] if self.uncertainty is None else [
             {"params": list(self.uncertainty.parameters()), "lr": cfg.lr, "weight_decay": 0.0}]
         # what the method's backward fills: the model's parameters (and EDM2's u)
@@ -239,7 +241,7 @@ class Trainer:
         _, per_sample = grouped_mse(pred, target, group, self.K, return_per_sample=True)
         # the schedule's log-SNR table is finite (GaussianDiffusion checks it): no host sync
         transformed = self.uncertainty(per_sample, self.diffusion.snr(t).log(), check=False)
-        counts = torch.bincount(group, minlength=self.K).clamp_min(1)
+        counts = _group_counts(group, self.K).clamp_min(1).to(transformed.dtype)
         return transformed.new_zeros(self.K).index_add(0, group, transformed) / counts
 
     def _lr_factor(self) -> float:
@@ -266,7 +268,8 @@ class Trainer:
         recording = self.engine.record() if self.engine is not None else _null_context()
         with recording:
             losses = self.compute_losses(x_t, t, y, target, group, weight)
-        stats = self._reduce_stats(losses.detach(), group, self._edm2_cluster_weights())
+        counts = _group_counts(group, self.K)  # the sampler's ids: in range by construction
+        stats = self._reduce_stats(losses.detach(), counts, self._edm2_cluster_weights())
         present = [v for v in stats["cluster_losses"] if v is not None]
         if not math.isfinite(stats["loss"]) or not all(map(math.isfinite, present)):
             if self.engine is not None:
@@ -278,6 +281,7 @@ class Trainer:
                 f"nothing was saved. Last good checkpoint: {kept}")
         try:
             weights = self.method.backward(losses, self.trained_parameters, group=group,
+                                           task_counts=counts,
                                            grad_scaler=self.scaler)
         except mtl.NashMTLSolveError as exc:
             raise TrainingError(
@@ -295,7 +299,7 @@ class Trainer:
         if cfg.method_key == "famo" and self.method.reevaluate:  # losses after the step
             with torch.no_grad():
                 self.method.update(self.compute_losses(x_t, t, y, target, group, weight),
-                                   group=group)
+                                   task_counts=counts)
         self.ema.update(self.model)
         self.step += 1
         stats["weights"] = [float(w) for w in weights.detach().cpu()]
@@ -309,14 +313,12 @@ class Trainer:
         if self.uncertainty is None:
             return None
         w = torch.exp(-self.uncertainty.log_variance(self._all_log_snr, check=False)).double()
-        counts = torch.bincount(self._all_groups, minlength=self.K)
-        return w.new_zeros(self.K).index_add(0, self._all_groups, w) / counts
+        return w.new_zeros(self.K).index_add(0, self._all_groups, w) / self._cluster_sizes
 
-    def _reduce_stats(self, losses, group, edm2_weights=None) -> dict:
+    def _reduce_stats(self, losses, counts, edm2_weights=None) -> dict:
         """Union-batch per-cluster losses and mean loss (one all-reduce of 2K + 2 numbers, which
         also carries the stop flag so every rank stops together); ``edm2_weights`` (K,), equal
         on every rank, comes back with them as ``stats["edm2_weights"]``."""
-        counts = torch.bincount(group, minlength=self.K).to(torch.float64)
         stop = 1.0 if self._stop_signal is not None else 0.0
         packed = torch.cat([losses.double() * counts, counts,
                             torch.tensor([stop], dtype=torch.float64, device=counts.device),
@@ -467,6 +469,13 @@ class _null_context:
 
     def __exit__(self, *exc):
         return False
+
+
+def _group_counts(group, num_groups):
+    """Samples per cluster (float64, (K,)) of in-range ids, without bincount's host read-back
+    of the largest id on a GPU."""
+    return torch.zeros(num_groups, dtype=torch.float64, device=group.device).index_add_(
+        0, group, torch.ones(group.shape, dtype=torch.float64, device=group.device))
 
 
 def _postfix(stats: dict) -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .checks import check_int
 
 __all__ = ["image_grid", "write_png", "save_image_grid", "read_metrics", "plot_training_curves",
@@ -71,15 +71,12 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 
 def write_png(path, array: np.ndarray, use_pillow: bool = True) -> Path:
-    """Write a uint8 image array (H, W[, 1|3]) to ``path`` atomically (tmp file + os.replace)."""
+    """Write a uint8 image array (H, W[, 1|3]) to ``path`` atomically (:func:`atomic_write`)."""
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
             array.ndim == 3 and array.shape[2] not in (1, 3)):
         raise ValueError(f"array must be uint8 (H, W), (H, W, 1) or (H, W, 3), got "
                          f"{array.dtype} {array.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     data = None
     if use_pillow:
         try:
@@ -95,9 +92,7 @@ def write_png(path, array: np.ndarray, use_pillow: bool = True) -> Path:
             data = None
     if data is None:
         data = _png_bytes(array)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def save_image_grid(images, path, nrow: int | None = None, scale: int | None = None) -> Path:

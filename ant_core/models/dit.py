@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_float, check_int
-from .layers import (LabelEmbedder, TimestepEmbedder, check_bool,
-                     prepare_inputs)
+from ..checks import check_bool, check_float, check_int
+from .layers import LabelEmbedder, TimestepEmbedder, prepare_inputs
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
 

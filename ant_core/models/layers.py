@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_float, check_int
+from ..checks import check_float
 
 __all__ = [
     "timestep_embedding",
@@ -19,19 +19,6 @@ __all__ = [
     "zero_module",
     "prepare_inputs",
 ]
-
-
-def check_int_sequence(name: str, value) -> tuple:
-    """``value`` as a tuple of positive ints (a list/tuple, not a bare int), naming ``name``."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
-    return tuple(check_int(f"{name} entries", v, 1) for v in value)
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

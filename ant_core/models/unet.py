@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_float, check_int
-from .layers import (LabelEmbedder, TimestepEmbedder, check_bool, check_int_sequence,
+from ..checks import check_bool, check_float, check_int, check_int_sequence
+from .layers import (LabelEmbedder, TimestepEmbedder,
                      prepare_inputs, zero_module)
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock"]

@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_bool, check_int
 from .distributed import all_reduce_sum
 from .layer_gradients import TaskSegments, find_handler
 from .task_gradients import TaskGradients, task_gramian
@@ -143,9 +143,8 @@ class OneBackwardEngine:
                  verify_rtol: float = 1e-2):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        for name, value in (("low_memory", low_memory), ("verify", verify)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        check_bool("low_memory", low_memory)
+        check_bool("verify", verify)
         if not verify_rtol > 0:
             raise ValueError(f"verify_rtol must be > 0, got {verify_rtol}")
         self.model = model

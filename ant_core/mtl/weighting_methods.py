@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import TORCH_SEEDS, check_float, check_int
+from ..checks import TORCH_SEEDS, check_bool, check_float, check_int
 from ..sampling import group_counts
 from . import distributed
 from .base import MTLMethod, register
@@ -241,9 +241,7 @@ class FAMO(_LossWeighting):
                  epsilon: float = 1e-8, min_losses=None, reevaluate: bool = True,
                  process_group=None):
         super().__init__(num_tasks, process_group=process_group)
-        if not isinstance(reevaluate, bool):
-            raise TypeError(f"reevaluate must be a bool, got {type(reevaluate).__name__}")
-        self.reevaluate = reevaluate
+        self.reevaluate = check_bool("reevaluate", reevaluate)
         self._awaiting_update = False  # backward ran, update not yet (reevaluate=True)
         self.lr = check_float("lr", lr, 0, strict=True)
         self.weight_decay = check_float("weight_decay", weight_decay, 0)
