@@ -405,28 +405,14 @@ def test_cli_end_to_end(tmp_path, capsys):
               "--k", "0", "--no-progress"])
     assert exc.value.code == 2 and "--k must be >= 1" in capsys.readouterr().err
     assert not late.exists()
-    one = ckpt_file
     for args, message in (([str(run), "--plot", str(tmp_path / "x.png"), "--k", "999"],
                            "--k must be <= T=20"),  # was clipped to T silently
-                          ([str(one), str(one)], "given more than once"),  # averaged twice
+                          ([str(ckpt_file)] * 2, "given more than once"),  # averaged twice
                           ([str(run), "--out", str(tmp_path)], "is a folder")):
         with pytest.raises(SystemExit) as exc:
             main(["affinity", *args, "--M", "4", "--no-progress"])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not late.exists() and not (tmp_path / "x.png").exists()
-    batches = fixed_batches(1)
-    result = estimate_affinity(small_model(0), batches, loss_fn=make_loss(batches), T=50, M=4)
-    result.metadata["numpy"] = np.int64(3)  # serialised as a number
-    result.save(tmp_path / "m.npy")
-    assert json.loads((tmp_path / "m.json").read_text())["numpy"] == 3
-    with pytest.raises(ValueError, match="give the .npy name"):
-        result.save(tmp_path / "m.json")  # wrote m.json.npy and m.json.json
-    assert estimate_affinity(small_model(0), batches, loss_fn=make_loss(batches), T=50, M=4,
-                             exact=True, d=0).metadata["d"] is None  # d is unused when exact
-    result.metadata["bad"] = float("nan")
-    with pytest.raises(ValueError, match="metadata"):
-        result.save(tmp_path / "n.npy")
-    assert not (tmp_path / "n.npy").exists()  # no matrix without its sidecar
     # the default grid fits a run with T < 100
     assert main(["affinity", str(run), "--last", "1", "--d", "64", "--batches", "1",
                  "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "d.npy")]) == 0
@@ -434,8 +420,6 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_checkpoints_use_ema_weights_and_load_lazily(trained_run):
-    from ant_core import checkpoint as ckpt
-
     files = ckpt.list_checkpoints(trained_run / "checkpoints")
     assert len(files) == 2
     batches = fixed_batches(1, size=8)
@@ -485,7 +469,8 @@ def test_class_conditional_models_get_labels():
 def test_linear_interpolation_and_saving(tmp_path):
     model, batches = small_model(0), fixed_batches(1)
     r = estimate_affinity(model, batches, loss_fn=make_loss(batches, T=30), T=30, M=5,
-                          exact=True, interpolation="linear")
+                          exact=True, d=0, interpolation="linear")
+    assert r.metadata["d"] is None  # d is unused when exact (d=0 is not refused then)
     centers = r.timesteps
     np.testing.assert_allclose(r.matrix[np.ix_(centers, centers)], r.grid, atol=1e-12)
     np.testing.assert_allclose(r.matrix, r.matrix.T)
@@ -494,6 +479,15 @@ def test_linear_interpolation_and_saving(tmp_path):
     np.testing.assert_array_equal(np.load(npy), r.matrix)
     meta = json.loads(side.read_text())
     assert meta["interpolation"] == "linear" and meta["grid_timesteps"] == centers.tolist()
+    r.metadata["numpy"] = np.int64(3)  # serialised as a number
+    r.save(tmp_path / "m.npy")
+    assert json.loads((tmp_path / "m.json").read_text())["numpy"] == 3
+    with pytest.raises(ValueError, match="give the .npy name"):
+        r.save(tmp_path / "m.json")  # wrote m.json.npy and m.json.json
+    r.metadata["bad"] = float("nan")
+    with pytest.raises(ValueError, match="metadata"):
+        r.save(tmp_path / "n.npy")
+    assert not (tmp_path / "n.npy").exists()  # no matrix without its sidecar
     if has_matplotlib():
         from ant_core.visualize import plot_affinity
         from ant_core.schedules import get_schedule

@@ -398,7 +398,6 @@ def test_interval_clusters_refuse_what_they_would_change():
     assert IntervalClusters.from_bounds([(np.int64(0), np.int32(4))]).bounds == ((0, 4),)
     assert IntervalClusters.from_bounds(np.loadtxt(["0 5", "5 9"])).bounds == ((0, 5), (5, 9))
     # a max_size at or beyond T is no bound (sys.maxsize is a common "unbounded")
-    import sys
     assert interval_clustering(2, "timestep", T=10, max_size=sys.maxsize).bounds == \
         interval_clustering(2, "timestep", T=10).bounds
     for T, k, error, name in ((10.6, 2, TypeError, "T"), (10, 0, ValueError, "k"),

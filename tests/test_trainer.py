@@ -54,14 +54,19 @@ def test_overfits_a_fixed_batch(tmp_path):
     assert result["step"] == 120 and os.path.exists(result["checkpoint"])
 
 
-def test_losses_match_an_independent_reference(tmp_path):
-    """compute_losses == per-sample mean squared error x Min-SNR weight, averaged per cluster."""
-    trainer = Trainer(tiny(tmp_path, weighting="min_snr", prediction="v", k=4))
+def _one_batch(trainer):
+    """(x_t, t, target, group) of the trainer's next batch, as train_step builds them."""
     x0, _ = next(trainer.loader)
     t, group = trainer.sampler.sample(x0.shape[0])
     noise = torch.randn(x0.shape)
-    x_t = trainer.diffusion.q_sample(x0, t, noise)
-    target = trainer.diffusion.target(x0, noise, t)
+    return (trainer.diffusion.q_sample(x0, t, noise), t, trainer.diffusion.target(x0, noise, t),
+            group)
+
+
+def test_losses_match_an_independent_reference(tmp_path):
+    """compute_losses == per-sample mean squared error x Min-SNR weight, averaged per cluster."""
+    trainer = Trainer(tiny(tmp_path, weighting="min_snr", prediction="v", k=4))
+    x_t, t, target, group = _one_batch(trainer)
     weight = trainer.per_sample_weight(t)
     got = trainer.compute_losses(x_t, t, None, target, group, weight)
     with torch.no_grad():
@@ -87,11 +92,7 @@ def test_edm2_weighting_matches_its_formula_and_learns(tmp_path):
     assert group_of_u[0]["weight_decay"] == 0.0
     with torch.no_grad():  # a non-zero u, so that the reference has something to check
         trainer.uncertainty.net[-1].weight.normal_()
-    x0, _ = next(trainer.loader)
-    t, group = trainer.sampler.sample(x0.shape[0])
-    noise = torch.randn(x0.shape)
-    x_t = trainer.diffusion.q_sample(x0, t, noise)
-    target = trainer.diffusion.target(x0, noise, t)
+    x_t, t, target, group = _one_batch(trainer)
     assert trainer.per_sample_weight(t) is None
     got = trainer.compute_losses(x_t, t, None, target, group, None)
     with torch.no_grad():
@@ -436,8 +437,6 @@ def test_model_config_contradicting_the_data_writes_nothing(tmp_path):
         assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="method_config"):
         Trainer(tiny(tmp_path, method="famo", method_config={"lr": "fast"}))
-    with pytest.raises(ValueError, match="data must not be empty"):
-        tiny(tmp_path, data="").validate()
 
 
 # ----------------------------------------------------------------------------- failures
@@ -491,6 +490,7 @@ def test_load_model_of_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
     ({"label_dropout": 0.1}, "label_dropout"),
     ({"weighting": "edm2", "method": "pcgrad"}, "weighting"),
     ({"weighting": "edm2", "method": "uw"}, "weighting"),
+    ({"data": ""}, "data must not be empty"),
 ])
 def test_bad_config_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):

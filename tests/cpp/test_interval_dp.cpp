@@ -25,6 +25,17 @@ int failures = 0;
 
 using IntervalCost = std::function<double(int64_t, int64_t)>;  // half-open [j, i)
 
+// whether f() throws std::invalid_argument (the library's error for bad arguments)
+template <class F>
+bool throws_invalid_argument(F f) {
+  try {
+    f();
+  } catch (const std::invalid_argument&) {
+    return true;
+  }
+  return false;
+}
+
 struct Best {
   double cost = INFINITY;
   double balance = INFINITY;
@@ -97,13 +108,7 @@ void test_size_bounds() {
       for (int64_t K = 1; K <= T; ++K) {
         const int64_t emx = mx == 0 ? T : mx;
         if (K * mn > T || K * emx < T) {
-          bool threw = false;
-          try {
-            ant::solve(cost, T, K, ant::SizeBounds{mn, mx});
-          } catch (const std::invalid_argument&) {
-            threw = true;
-          }
-          CHECK(threw);
+          CHECK(throws_invalid_argument([&] { ant::solve(cost, T, K, ant::SizeBounds{mn, mx}); }));
           continue;
         }
         const ant::Partition p = ant::solve(cost, T, K, ant::SizeBounds{mn, mx});
@@ -190,12 +195,7 @@ void test_uniform_timestep_and_errors() {
     CHECK(p.cost == 5 * 10000.0);
   }
   auto throws = [&](int64_t K, ant::SizeBounds sb) {
-    try {
-      ant::solve(cost, 1000, K, sb);
-    } catch (const std::invalid_argument&) {
-      return true;
-    }
-    return false;
+    return throws_invalid_argument([&] { ant::solve(cost, 1000, K, sb); });
   };
   CHECK(throws(0, {}));
   CHECK(throws(1001, {}));
@@ -203,20 +203,12 @@ void test_uniform_timestep_and_errors() {
   CHECK(throws(5, {300, 0}));
   CHECK(throws(5, {1, 100}));
   CHECK(throws(5, {50, 40}));
-  auto constructor_throws = [](auto make) {
-    try {
-      make();
-    } catch (const std::invalid_argument&) {
-      return true;
-    }
-    return false;
-  };
   std::vector<double> wiggly{0, 2, 1}, huge{0, 1e200, 2e200, 3e200};
-  CHECK(constructor_throws([&] { ant::AbsDeviationCost bad(wiggly.data(), 3); }));
+  CHECK(throws_invalid_argument([&] { ant::AbsDeviationCost bad(wiggly.data(), 3); }));
   // an empty series (nothing to read, not x[0]) and sums that overflow double precision
-  CHECK(constructor_throws([&] { ant::AbsDeviationCost bad(wiggly.data(), 0); }));
-  CHECK(constructor_throws([&] { ant::SquaredErrorCost bad(wiggly.data(), 0); }));
-  CHECK(constructor_throws([&] { ant::SquaredErrorCost bad(huge.data(), 4); }));
+  CHECK(throws_invalid_argument([&] { ant::AbsDeviationCost bad(wiggly.data(), 0); }));
+  CHECK(throws_invalid_argument([&] { ant::SquaredErrorCost bad(wiggly.data(), 0); }));
+  CHECK(throws_invalid_argument([&] { ant::SquaredErrorCost bad(huge.data(), 4); }));
 }
 
 void test_is_monge() {
