@@ -217,7 +217,7 @@ def read_config_file(path) -> dict:
             raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml); "
                              "or use a .json config") from None
         try:
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=_yaml_loader(yaml)) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
     else:
@@ -228,6 +228,20 @@ def read_config_file(path) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of field names")
     return values
+
+
+def _yaml_loader(yaml):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: ``1e-3`` and ``5E4`` are numbers
+    (YAML 1.1, PyYAML's default, needs a dot and a signed exponent: ``1.0e-3``)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return Loader
 
 
 def check_device(device: str) -> str:

@@ -510,6 +510,14 @@ def test_config_files(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"steps": 9, "weighting": "min_snr"}))
     cfg = TrainConfig.from_file(tmp_path / "c.yaml")
     assert (cfg.steps, cfg.weighting) == (9, "min_snr")
+    # YAML 1.2 floats (PyYAML's 1.1 default reads "1e-3" as a string); quoted stays a string
+    (tmp_path / "f.yaml").write_text("lr: 1e-3\nuw_lr: 25E-3\nsteps: 4\n")
+    cfg = TrainConfig.from_file(tmp_path / "f.yaml")
+    assert (cfg.lr, cfg.uw_lr, cfg.steps) == (1e-3, 0.025, 4)
+    assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}      # PyYAML's own loader is untouched
+    (tmp_path / "q.yaml").write_text("lr: '1e-3'\n")
+    with pytest.raises((TypeError, ValueError), match="lr"):
+        TrainConfig.from_file(tmp_path / "q.yaml")
 
 
 def test_missing_data_path_writes_nothing(tmp_path):
