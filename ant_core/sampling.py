@@ -123,6 +123,11 @@ class _ClusterSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+        expected = set(self.state_dict())
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: a {type(self).__name__} state has the keys "
+                             f"{sorted(expected)}, got {got}")
         self.generator.set_state(state["generator"])
 
 

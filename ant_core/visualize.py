@@ -22,17 +22,23 @@ __all__ = ["image_grid", "write_png", "save_image_grid", "read_metrics", "plot_t
            "plot_clusters", "plot_affinity", "has_matplotlib", "check_plot_path"]
 
 
+def _as_images(images) -> np.ndarray:
+    if hasattr(images, "detach"):
+        images = images.detach().float().cpu().numpy()
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or 0 in images.shape:
+        raise ValueError("images must have shape (N, C, H, W) with every size >= 1, got "
+                         f"{images.shape}")
+    return images
+
+
 def image_grid(images, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
     """Tile (N, C, H, W) images in [-1, 1] (tensor or array) into one uint8 (H', W', C) array
     (C = 1 or 3), ``nrow`` images per row (default ~sqrt(N)), ``padding`` white pixels between;
     ``scale`` enlarges every image by pixel repetition first. For display only: values outside
     [-1, 1] are clipped and NaN drawn as mid-grey (keep the raw arrays, e.g. ``ant sample``'s
     .npz, for anything else)."""
-    if hasattr(images, "detach"):
-        images = images.detach().float().cpu().numpy()
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got {images.shape}")
+    images = _as_images(images)
     scale = check_int("scale", scale, 1)
     if scale > 1:
         images = images.repeat(scale, axis=2).repeat(scale, axis=3)
@@ -98,8 +104,9 @@ def write_png(path, array: np.ndarray, use_pillow: bool = True) -> Path:
 def save_image_grid(images, path, nrow: int | None = None, scale: int | None = None) -> Path:
     """``write_png(path, image_grid(images, nrow, scale=scale))``; ``scale`` defaults to
     enlarging images smaller than 64 pixels to about 64 (for viewing)."""
+    images = _as_images(images)
     if scale is None:
-        scale = max(1, 64 // int(np.shape(images)[-1]))
+        scale = max(1, 64 // images.shape[-1])
     return write_png(path, image_grid(images, nrow, scale=scale))
 
 

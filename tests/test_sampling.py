@@ -109,6 +109,13 @@ def test_state_dict_resumes(clusters):
     s2.load_state_dict(state)
     y = s2.sample(7)
     assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    uniform = UniformSampler(clusters, seed=2)
+    for bad in ({}, {"generator": state["generator"]}, uniform.state_dict(), [state]):
+        with pytest.raises(ValueError, match="state: a StratifiedSampler state has the keys"):
+            s2.load_state_dict(bad)
+    with pytest.raises(ValueError, match="state: a UniformSampler state"):
+        uniform.load_state_dict(state)
+    assert torch.equal(s2.sample(7)[0], s.sample(7)[0])      # the refusals changed nothing
 
 
 def test_device_argument(clusters):

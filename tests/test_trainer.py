@@ -14,7 +14,7 @@ from ant_core.data import ProceduralShapes
 from ant_core.losses import reference_grouped_mse
 from ant_core.trainer import EMA, TrainConfig, Trainer, TrainingError, train
 from ant_core.visualize import (has_matplotlib, image_grid, plot_training_curves,
-                                read_metrics, write_png)
+                                read_metrics, save_image_grid, write_png)
 from ant_core.weighting import min_snr_weight
 
 TINY_DIT = {"patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}
@@ -622,7 +622,7 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path):
 # ----------------------------------------------------------------------------- pictures
 
 
-def test_image_grid_arguments():
+def test_image_grid_arguments(tmp_path):
     images = torch.zeros(3, 1, 2, 2)
     assert image_grid(images, nrow=3, padding=0).shape == (2, 6, 1)
     for kwargs, error in (({"nrow": 0}, ValueError), ({"nrow": -1}, ValueError),
@@ -630,6 +630,12 @@ def test_image_grid_arguments():
                           ({"scale": True}, TypeError)):
         with pytest.raises(error, match=next(iter(kwargs))):
             image_grid(images, **kwargs)
+    for shape in ((0, 1, 2, 2), (3, 1, 2, 0), (3, 1, 0, 2), (3, 2, 2)):
+        with pytest.raises(ValueError, match=r"images must have shape \(N, C, H, W\)"):
+            image_grid(torch.zeros(shape))
+        with pytest.raises(ValueError, match=r"images must have shape \(N, C, H, W\)"):
+            save_image_grid(torch.zeros(shape), tmp_path / "g.png")   # was ZeroDivisionError
+    assert not list(tmp_path.iterdir())
 
 
 def test_builtin_png_writer_roundtrips(tmp_path):
