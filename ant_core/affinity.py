@@ -156,7 +156,8 @@ class AffinityResult:
             path = path.with_suffix(path.suffix + ".npy") if path.suffix else \
                 path.with_suffix(".npy")
         side = path.with_suffix(".json")
-        meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps]}
+        meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps],
+                "grid": np.asarray(self.grid, dtype=np.float64).tolist()}
 
         def plain(value):  # numpy numbers and arrays in user metadata
             if hasattr(value, "tolist"):
@@ -171,6 +172,24 @@ class AffinityResult:
         atomic_write(path, lambda f: np.save(f, self.matrix.astype(np.float64)))
         atomic_write(side, lambda f: f.write(text.encode()))
         return path, side
+
+    @classmethod
+    def load(cls, path) -> "AffinityResult":
+        """The result :meth:`save` wrote to ``path`` (the .npy) and its sidecar."""
+        path = Path(path)
+        side = path.with_suffix(".json")
+        for name in (path, side):
+            if not name.is_file():
+                raise ValueError(f"path: {name} not found (AffinityResult.load reads the .npy "
+                                 "and its .json sidecar that save() wrote)")
+        try:
+            meta = json.loads(side.read_text())
+            grid, timesteps = meta.pop("grid"), meta.pop("grid_timesteps")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"path: {side} is not an affinity sidecar written by "
+                             "AffinityResult.save") from None
+        return cls(np.load(path, allow_pickle=False), np.asarray(grid, dtype=np.float64),
+                   np.asarray(timesteps, dtype=np.int64), meta)
 
 
 def _batches(data, batches, batch_size, seed, device):

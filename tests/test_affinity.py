@@ -9,7 +9,7 @@ import torch
 
 from ant_core import checkpoint as ckpt
 from ant_core import interval_clustering
-from ant_core.affinity import estimate_affinity, expand_grid, timestep_grid
+from ant_core.affinity import AffinityResult, estimate_affinity, expand_grid, timestep_grid
 from ant_core.cli import main
 from ant_core.data import ProceduralShapes
 from ant_core.diffusion import GaussianDiffusion
@@ -479,6 +479,18 @@ def test_linear_interpolation_and_saving(tmp_path):
     np.testing.assert_array_equal(np.load(npy), r.matrix)
     meta = json.loads(side.read_text())
     assert meta["interpolation"] == "linear" and meta["grid_timesteps"] == centers.tolist()
+    back = AffinityResult.load(npy)
+    for name in ("matrix", "grid", "timesteps"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(r, name))
+    assert back.metadata == json.loads(json.dumps(r.metadata))
+    with pytest.raises(ValueError, match="not found"):
+        AffinityResult.load(tmp_path / "sub" / "other.npy")
+    np.save(tmp_path / "bare.npy", r.matrix)
+    with pytest.raises(ValueError, match="not found"):       # no sidecar
+        AffinityResult.load(tmp_path / "bare.npy")
+    (tmp_path / "bare.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an affinity sidecar"):
+        AffinityResult.load(tmp_path / "bare.npy")
     r.metadata["numpy"] = np.int64(3)  # serialised as a number
     r.save(tmp_path / "m.npy")
     assert json.loads((tmp_path / "m.json").read_text())["numpy"] == 3
