@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_bool, check_float, check_int
 
 __all__ = ["CountSketch"]
 
@@ -43,10 +43,13 @@ class CountSketch:
 
     def __init__(self, numels, d: int, seed: int = 0, chunk: int = 1 << 20, cache: bool = True):
         d = check_int("d", d, 1)
+        if isinstance(numels, (str, bytes)) or not hasattr(numels, "__iter__"):
+            raise TypeError(f"numels must be a sequence of element counts, got {numels!r}")
         self.numels = [check_int(f"numels[{i}]", n, 0) for i, n in enumerate(numels)]
         if any(n >= _PRIME for n in self.numels):
             raise ValueError("a parameter tensor has more than 2^31 - 2 elements")
-        self.d, self.chunk, self.cache = d, check_int("chunk", chunk, 1), bool(cache)
+        self.d, self.chunk = d, check_int("chunk", chunk, 1)
+        self.cache = check_bool("cache", cache)
         if 2 * self.d >= 2**31:
             raise ValueError(f"d must be < 2^30, got {d}")
         self._codes = {}
@@ -81,36 +84,46 @@ class CountSketch:
 
     def apply(self, tensors, out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
         """``out += scale * sketch(concat(flatten(t) for t in tensors))``; returns ``out``
-        (a new float32 zero vector of length d on the first tensor's device when None).
-        A None entry (a parameter without gradient) counts as zeros."""
+        (a new float32 zero vector of length d on the first tensor's device when None; else a
+        floating tensor of shape (d,)). A None entry (a parameter without gradient) counts as
+        zeros. Sums run in ``out``'s precision, at least float32; the cached path adds the
+        positive and the negative part of each bucket apart, so its rounding, relative to the
+        sketch, grows like sqrt(P / d) float32 epsilons (1e-5 for P = 4M, d = 1024: far below
+        the sketch's own ~1/sqrt(d)); a float64 ``out`` makes it exact to double."""
         tensors = list(tensors)
         if len(tensors) != len(self.numels):
             raise ValueError(f"expected {len(self.numels)} tensors, got {len(tensors)}")
+        for k, t in enumerate(tensors):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensors[{k}] must be a tensor or None, got {type(t).__name__}")
+            if t is not None and t.numel() != self.numels[k]:
+                raise ValueError(f"tensors[{k}] has {t.numel()} elements, expected "
+                                 f"{self.numels[k]}")
+        scale = check_float("scale", scale)
         if out is None:
             device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
             out = torch.zeros(self.d, dtype=torch.float32, device=device)
-        buffer = torch.zeros(2 * self.d, dtype=out.dtype, device=out.device) if self.cache \
-            else out
+        elif not isinstance(out, torch.Tensor) or not out.is_floating_point() \
+                or tuple(out.shape) != (self.d,):
+            raise ValueError(f"out must be a floating tensor of shape ({self.d},), got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} "
+                             f"{tuple(getattr(out, 'shape', ()))}")
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        buffer = torch.zeros((2 if self.cache else 1) * self.d, dtype=dtype, device=out.device)
         for k, t in enumerate(tensors):
             if t is None:
                 continue
-            if t.numel() != self.numels[k]:
-                raise ValueError(f"tensor {k} has {t.numel()} elements, expected "
-                                 f"{self.numels[k]}")
-            flat = t.detach().reshape(-1).to(out.device, out.dtype)
+            flat = t.detach().reshape(-1).to(out.device, dtype)
             if self.cache:
                 buffer.index_add_(0, self._code(k, out.device), flat)
                 continue
             for start in range(0, flat.numel(), self.chunk):
                 stop = min(start + self.chunk, flat.numel())
                 bucket, sign = self._hash(k, start, stop, out.device)
-                values = flat[start:stop] * sign.to(out.dtype)
-                if scale != 1.0:
-                    values = values * scale
-                out.index_add_(0, bucket, values)
+                buffer.index_add_(0, bucket, flat[start:stop] * sign.to(dtype))
         if self.cache:
-            out.add_(buffer[:self.d] - buffer[self.d:], alpha=scale)
-        return out
+            buffer = buffer[:self.d] - buffer[self.d:]
+        return out.add_(buffer, alpha=scale)
 
     def __repr__(self) -> str:
         return f"CountSketch(d={self.d}, tensors={len(self.numels)}, P={sum(self.numels)})"

@@ -532,3 +532,38 @@ def test_count_sketch_checks_its_arguments():
         args = {"numels": [10, 12], "d": 8, **kwargs}
         with pytest.raises(error, match=name):
             CountSketch(**args)
+    for kwargs, error, name in (({"cache": "no"}, TypeError, "cache"),
+                                ({"cache": 0.0}, TypeError, "cache"),
+                                ({"numels": 3}, TypeError, "numels")):
+        with pytest.raises(error, match=name):
+            CountSketch(**{"numels": [4], "d": 3, **kwargs})
+    cs, x = CountSketch([4], d=3), [torch.ones(4)]
+    # a wrong out was broadcast into (zeros(2, 3): the sketch added to both rows) or truncated
+    for out in (torch.zeros(2, 3), torch.zeros(1), torch.zeros(3, dtype=torch.long), [0.0] * 3):
+        for cache in (True, False):
+            with pytest.raises(ValueError, match=r"out must be a floating tensor of shape \(3,\)"):
+                CountSketch([4], d=3, cache=cache).apply(x, out=out)
+    for scale, error in ((float("nan"), ValueError), ("2", TypeError)):
+        with pytest.raises(error, match="scale"):
+            cs.apply(x, scale=scale)
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a tensor"):
+        cs.apply([np.ones(4)])
+    with pytest.raises(ValueError, match=r"tensors\[0\] has 5 elements"):
+        cs.apply([torch.ones(5)])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_count_sketch_sums_in_at_least_float32(cache):
+    """A half-precision out was the accumulator (its sums stopped growing: 0.9 relative error);
+    a float64 out is exact to double on both paths."""
+    g = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1
+    cs = CountSketch([g.numel()], d=4, seed=3, cache=cache)
+    bucket, sign = cs._hash(0, 0, g.numel(), "cpu")
+    exact = torch.zeros(4, dtype=torch.float64).index_add_(0, bucket, g * sign)
+    torch.testing.assert_close(cs.apply([g], out=torch.zeros(4, dtype=torch.float64)), exact,
+                               rtol=1e-9, atol=0)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = cs.apply([g.to(dtype)], out=torch.zeros(4, dtype=dtype)).double()
+        rounded = torch.zeros(4, dtype=torch.float64).index_add_(0, bucket, g.to(dtype).double()
+                                                                  * sign)
+        torch.testing.assert_close(got, rounded.to(dtype).double(), rtol=1e-2, atol=0.5)
