@@ -250,6 +250,15 @@ def test_bad_names_and_inputs():
         model(x, torch.zeros(2), torch.tensor([0, 4]))
     with pytest.raises(TypeError, match="y must be an integer"):
         model(x, torch.zeros(2), torch.tensor([0.0, 1.0]))
+    for bad_t in (torch.tensor([float("nan"), 5.0]), float("inf"), torch.tensor(-float("inf"))):
+        with pytest.raises(ValueError, match="t must be finite"):   # was NaN output
+            model(x, bad_t)
+    for bad_t in (None, "5", object()):
+        with pytest.raises(TypeError, match="t must be a number or a tensor"):
+            model(x, bad_t)
+    for bad_x in (x.long(), x.numpy()):
+        with pytest.raises(TypeError, match="x must be a floating torch.Tensor"):
+            model(bad_x, torch.zeros(2))
     unconditional = create_model("dit", image_size=8, patch_size=2, hidden_size=16, depth=1,
                                  num_heads=2)
     with pytest.raises(ValueError, match="num_classes=None"):
@@ -294,9 +303,10 @@ def test_numpy_integer_arguments_are_stored_as_int(name, tmp_path):
     import numpy as np
 
     model = create_model(name, image_size=np.int64(16), in_channels=np.int32(3),
-                         num_classes=np.int64(3))
+                         num_classes=np.int64(3), time_scale=np.float64(1000))
     assert all(type(v) is int for k, v in model.config.items()
                if k in ("image_size", "in_channels", "out_channels", "num_classes"))
+    assert type(model.config["time_scale"]) is float
     assert type(model.num_classes) is int
     torch.save(model.config, tmp_path / "config.pt")
     assert torch.load(tmp_path / "config.pt", weights_only=True) == model.config

@@ -123,6 +123,7 @@ class DiT(nn.Module):
                              f"(int(hidden_size * mlp_ratio) = 0)")
         check_bool("learn_pos_embed", learn_pos_embed)
 
+        time_scale = check_float("time_scale", time_scale, 0, strict=True)  # a float in config
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.patch_size, self.num_classes = patch_size, num_classes
         self.config = dict(

@@ -92,15 +92,19 @@ def prepare_inputs(model, x, t, y):
     ``y`` is None (the null label when the model is class-conditional) or (B,) integer labels
     in [0, num_classes] (``num_classes`` is the null label).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating torch.Tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
     expected = (model.in_channels, model.image_size, model.image_size)
     if x.dim() != 4 or tuple(x.shape[1:]) != expected:
         raise ValueError(f"x must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                          f"got {tuple(x.shape)}")
     batch = x.shape[0]
     if not isinstance(t, torch.Tensor):
-        t = torch.tensor(t, device=x.device)
+        try:
+            t = torch.tensor(t, device=x.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}") from None
     if t.dim() == 0:
         t = t.expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
@@ -108,6 +112,9 @@ def prepare_inputs(model, x, t, y):
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"t must be an integer or float tensor, got {t.dtype}")
     t = t.to(x.device)
+    if t.is_floating_point() and not torch.compiler.is_compiling() and \
+            not bool(torch.isfinite(t).all()):
+        raise ValueError("t must be finite, got NaN or infinite timesteps")
     if model.num_classes is None:
         if y is not None:
             raise ValueError("y was given but the model was built with num_classes=None")

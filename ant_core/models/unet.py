@@ -157,6 +157,7 @@ class UNet(nn.Module):
             raise ValueError(f"num_heads={num_heads} must divide the channels of the middle "
                              f"attention layer ({widths[-1]})")
 
+        time_scale = check_float("time_scale", time_scale, 0, strict=True)  # a float in config
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.num_classes = num_classes
         self.config = dict(
