@@ -27,14 +27,21 @@ __all__ = [
 
 
 def _to_numpy(x, name):
-    """Array-like (numpy, list, torch tensor on any device) -> float64 numpy, without torch."""
+    """Array-like of real numbers (numpy, list, torch tensor on any device) -> a float64 numpy
+    copy (the caller's array stays theirs), without torch. Complex, bool and text refused."""
     if hasattr(x, "detach"):  # a torch tensor; .cpu() is a no-op for CPU tensors
+        if x.is_complex() or str(x.dtype) == "torch.bool":
+            raise TypeError(f"{name} must be an array of real numbers, got {x.dtype}")
         x = x.detach().cpu().double().numpy()
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = np.asarray(x)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}") from exc
-    return arr
+        raise TypeError(f"{name} must be an array of real numbers, got "
+                        f"{type(x).__name__}") from exc
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be an array of real numbers, got {arr.dtype} "
+                        f"({type(x).__name__})")
+    return np.array(arr, dtype=np.float64)
 
 
 class NoiseSchedule:
@@ -160,7 +167,12 @@ def log_snr_grid(T: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.
     if not sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     lam = np.linspace(-2 * math.log(sigma_min), -2 * math.log(sigma_max), T)
-    return NoiseSchedule(1.0 / (1.0 + np.exp(-lam)), name="log_snr_grid")
+    schedule = NoiseSchedule(1.0 / (1.0 + np.exp(-lam)), name="log_snr_grid")
+    ac = schedule.alphas_cumprod[0]  # alpha_bar -> 1 loses sigma_min (1e-8 rounds it to 1)
+    if not abs(math.sqrt((1.0 - ac) / ac) / sigma_min - 1) <= 1e-6:
+        raise ValueError(f"sigma_min={sigma_min} is too small for a variance-preserving "
+                         "alpha_bar in float64 to keep (sigma_min >= 1e-5 does)")
+    return schedule
 
 
 def from_alphas_cumprod(alphas_cumprod, name: str = "custom") -> NoiseSchedule:
@@ -196,6 +208,9 @@ def get_schedule(schedule="linear", T: int | None = None) -> NoiseSchedule:
         result = schedule
     elif hasattr(schedule, "alphas_cumprod"):
         result = from_scheduler(schedule)
+    elif schedule is None or np.ndim(schedule) == 0:
+        raise TypeError(f"schedule must be one of {sorted(SCHEDULES)}, a NoiseSchedule, an "
+                        f"object with alphas_cumprod or an array, got {schedule!r}")
     else:
         result = from_alphas_cumprod(schedule)
     if T is not None and check_int("T", T, 1) != result.T:

@@ -49,6 +49,10 @@ def test_log_snr_grid_is_uniform_in_log_snr():
     np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-6)
     with pytest.raises(ValueError, match="sigma_min"):
         schedules.log_snr_grid(10, sigma_min=5, sigma_max=1)
+    assert schedules.log_snr_grid(10, sigma_min=1e-5).sigmas[0] == pytest.approx(1e-5, rel=1e-6)
+    for tiny in (3e-6, 1e-8):  # alpha_bar rounds towards 1: sigma 1e-8 came back as 0
+        with pytest.raises(ValueError, match="sigma_min=.* is too small"):
+            schedules.log_snr_grid(10, sigma_min=tiny)
 
 
 def test_from_any_object_with_alphas_cumprod_and_tensors():
@@ -86,8 +90,19 @@ def test_bad_arguments():
         schedules.get_schedule(schedules.linear(10), T=11)
     with pytest.raises(TypeError, match="alphas_cumprod"):
         schedules.from_scheduler(object())
-    with pytest.raises(TypeError, match="alphas_cumprod must be an array"):
-        schedules.from_alphas_cumprod("abc")
+    torch = pytest.importorskip("torch")
+    # complex lost its imaginary part, text was parsed, bools became 0/1
+    for bad in ("abc", [0.9 + 0.5j, 0.5], ["0.9", "0.5"], [True, False], [object()],
+                torch.tensor([1 + 1j]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="alphas_cumprod must be an array of real numbers"):
+            schedules.from_alphas_cumprod(bad)
+    for bad in (None, 5, 0.5):
+        with pytest.raises(TypeError, match="schedule must be one of"):
+            schedules.get_schedule(bad)
+    mine = np.array([0.9, 0.5])
+    s = schedules.from_alphas_cumprod(mine)
+    mine[0] = 7.0                      # was stored without a copy: the schedule changed too
+    assert s.alphas_cumprod.tolist() == [0.9, 0.5]
     for make, kwargs, name in ((schedules.linear, {"beta_start": -1.0}, "beta_start"),
                                (schedules.linear, {"beta_end": 1.5}, "beta_end"),
                                (schedules.scaled_linear, {"beta_start": -1.0}, "beta_start"),
