@@ -49,7 +49,9 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, target: str = "eps") -
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     clipped = torch.clamp(snr, max=gamma)
     if target == "eps":
-        return torch.where(snr > 0, torch.clamp(gamma / snr, max=1.0), 1.0)  # also for -0.0
+        positive = snr > 0  # also for -0.0; the unused branch stays finite (its gradient too)
+        return torch.where(positive, torch.clamp(gamma / torch.where(positive, snr, 1.0),
+                                                 max=1.0), 1.0)
     if target == "v":
         return clipped / (snr + 1.0)
     return clipped

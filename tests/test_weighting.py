@@ -78,3 +78,17 @@ def test_bad_inputs():
 def test_min_snr_eps_weight_of_zero_snr_is_one_for_both_signed_zeros():
     weights = min_snr_weight(torch.tensor([0.0, -0.0, 1.0, float("inf")]), 5.0, "eps")
     assert weights.tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_min_snr_gradient_is_finite_at_zero_snr(target):
+    """A differentiable SNR got a NaN gradient at 0 (the unused gamma / 0 branch)."""
+    snr = torch.tensor([0.0, 2.0, 10.0], dtype=torch.float64, requires_grad=True)
+    min_snr_weight(snr, 5.0, target).sum().backward()
+    five = torch.tensor(5.0, dtype=torch.float64)
+    formula = {"eps": lambda s: torch.cat([s[:1] * 0 + 1, five / s[1:].clamp(min=five)]),
+               "v": lambda s: torch.minimum(s, five) / (s + 1),
+               "x0": lambda s: torch.minimum(s, five)}[target]
+    reference = torch.func.grad(lambda s: formula(s).sum())(snr.detach())
+    assert torch.isfinite(snr.grad).all()
+    torch.testing.assert_close(snr.grad, reference)
