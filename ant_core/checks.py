@@ -2,7 +2,10 @@
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_bool", "check_int_sequence", "TORCH_SEEDS"]
+import numpy as np
+
+__all__ = ["check_int", "check_float", "check_bool", "check_int_sequence", "real_array",
+           "TORCH_SEEDS"]
 
 #: the seeds torch.Generator.manual_seed takes (negative ones wrap around)
 TORCH_SEEDS = (-(2**63), 2**64 - 1)
@@ -59,3 +62,22 @@ def check_int_sequence(name: str, value) -> tuple:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
     return tuple(check_int(f"{name} entries", v, 1) for v in value)
+
+
+def real_array(name: str, value):
+    """Array-like of real numbers (numpy, list, torch tensor on any device) as a float64 numpy
+    copy (the caller's array stays theirs), without importing torch. Complex, bool and text are
+    a TypeError naming ``name`` (they were cast, parsed or lost their imaginary part)."""
+    if hasattr(value, "detach"):  # a torch tensor; .cpu() is a no-op for CPU tensors
+        if value.is_complex() or str(value.dtype) == "torch.bool":
+            raise TypeError(f"{name} must be an array of real numbers, got {value.dtype}")
+        value = value.detach().cpu().double().numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of real numbers, got "
+                        f"{type(value).__name__}") from exc
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be an array of real numbers, got {array.dtype} "
+                        f"({type(value).__name__})")
+    return np.array(array, dtype=np.float64)

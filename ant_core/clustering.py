@@ -14,7 +14,7 @@ import numpy as np
 
 from . import schedules as _schedules
 from ._extension import load as _load_extension
-from .checks import check_int
+from .checks import check_int, real_array
 
 __all__ = ["IntervalClusters", "interval_clustering", "interval_clustering_batched", "OBJECTIVES"]
 
@@ -165,10 +165,7 @@ class IntervalClusters:
 
 
 def _float_array(name, value, ndim):
-    try:
-        arr = np.ascontiguousarray(_schedules._to_numpy(value, name), dtype=np.float64)
-    except TypeError as exc:
-        raise TypeError(f"{name} must be a numeric array") from exc
+    arr = real_array(name, value)  # a fresh contiguous float64 copy
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
     if arr.size == 0:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .checks import check_float, check_int
+from .checks import check_float, check_int, real_array
 
 __all__ = [
     "NoiseSchedule",
@@ -26,24 +26,6 @@ __all__ = [
 ]
 
 
-def _to_numpy(x, name):
-    """Array-like of real numbers (numpy, list, torch tensor on any device) -> a float64 numpy
-    copy (the caller's array stays theirs), without torch. Complex, bool and text refused."""
-    if hasattr(x, "detach"):  # a torch tensor; .cpu() is a no-op for CPU tensors
-        if x.is_complex() or str(x.dtype) == "torch.bool":
-            raise TypeError(f"{name} must be an array of real numbers, got {x.dtype}")
-        x = x.detach().cpu().double().numpy()
-    try:
-        arr = np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array of real numbers, got "
-                        f"{type(x).__name__}") from exc
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be an array of real numbers, got {arr.dtype} "
-                        f"({type(x).__name__})")
-    return np.array(arr, dtype=np.float64)
-
-
 class NoiseSchedule:
     """A discrete diffusion noise schedule, given by alpha_bar_t (``alphas_cumprod``).
 
@@ -52,7 +34,7 @@ class NoiseSchedule:
     """
 
     def __init__(self, alphas_cumprod, name: str = "custom"):
-        ac = _to_numpy(alphas_cumprod, "alphas_cumprod")
+        ac = real_array("alphas_cumprod", alphas_cumprod)
         if ac.ndim != 1 or ac.size == 0:
             raise ValueError(f"alphas_cumprod must be a non-empty 1-D array, got shape {ac.shape}")
         if not np.all(np.isfinite(ac)):
@@ -107,7 +89,7 @@ class NoiseSchedule:
 
 
 def from_betas(betas, name: str = "custom") -> NoiseSchedule:
-    b = _to_numpy(betas, "betas")
+    b = real_array("betas", betas)
     if b.ndim != 1 or b.size == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {b.shape}")
     if not np.all(np.isfinite(b)) or b.min() < 0.0 or b.max() > 1.0:

@@ -1,8 +1,8 @@
-"""The argument checks (ant_core.checks: check_int, check_float) every module uses."""
+"""The argument checks (ant_core.checks) every module uses."""
 import numpy as np
 import pytest
 
-from ant_core.checks import check_float, check_int
+from ant_core.checks import check_float, check_int, real_array
 
 
 @pytest.mark.parametrize("value", [0, 7, -3, np.int64(5), np.int32(-2), np.uint8(9)])
@@ -62,3 +62,20 @@ def test_zero_dim_tensors_and_arrays_count_as_their_value():
         check_int("seed", torch.tensor(1.5))
     with pytest.raises(TypeError, match="seed must be an int"):
         check_int("seed", torch.tensor([1, 2]))
+
+
+def test_real_array_copies_real_numbers_and_refuses_the_rest():
+    torch = pytest.importorskip("torch")
+    mine = np.array([1, 2, 3], dtype=np.int32)
+    got = real_array("values", mine)
+    assert got.dtype == np.float64 and got.tolist() == [1.0, 2.0, 3.0]
+    got[0] = 9
+    assert mine[0] == 1                                   # a copy, not a view
+    for value in ([0.5, 2], np.uint8([7]), torch.tensor([0.25], dtype=torch.bfloat16),
+                  torch.arange(3), torch.ones(2, 2, dtype=torch.float16)):
+        np.testing.assert_array_equal(real_array("values", value),
+                                      np.asarray(torch.as_tensor(value).double()))
+    for value in ([True, False], ["1", "2"], "abc", [1 + 1j], [object()], {"a": 1},
+                  torch.tensor([1 + 1j]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="^values must be an array of real numbers, got "):
+            real_array("values", value)
