@@ -66,9 +66,9 @@ class GaussianDiffusion:
             table = self._on_device[key] = getattr(self, name).to(t.device)
         return table.index_select(0, t.long()).reshape(-1, *([1] * (ndim - 1)))
 
-    def _check_t(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+    def _check_t(self, t: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         _check_integer_t(t)
-        if t.shape != (batch,):
+        if batch is not None and t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
         # On the CPU a clear error; on a GPU reading t back would sync every step, so a bad t
         # is left to index_select's device-side bounds check there.
@@ -130,19 +130,20 @@ class GaussianDiffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = alpha_bar / (1 - alpha_bar) for integer timesteps t (float32)."""
-        _check_integer_t(t)
-        return self._gather("snr_table", t.reshape(-1), 1).reshape(t.shape).float()
+        return self._gather("snr_table", self._check_t(t).reshape(-1), 1).reshape(t.shape).float()
 
     # ------------------------------------------------------------------ samplers
 
-    def _model_step(self, model, x, t_scalar, y, guidance_scale, null_label):
+    def _model_step(self, model, x, t_scalar, y, guidance_scale, null_label, dtype):
+        """(x0, eps) in float64 from the model's output on ``x`` (float64) cast to ``dtype``."""
         t = torch.full((x.shape[0],), t_scalar, device=x.device, dtype=torch.long)
+        inputs = x.to(dtype)
         if guidance_scale == 1.0:
-            out = model(x, t) if y is None else model(x, t, y)
+            out = model(inputs, t) if y is None else model(inputs, t, y)
         else:  # one call on [conditional; null label] halves
             null = torch.full_like(y, null_label)
-            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
-                                 torch.cat([y, null])).chunk(2)
+            cond, uncond = model(torch.cat([inputs, inputs]), torch.cat([t, t]),
+                                 torch.cat([y, null])).double().chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         return self.split_prediction(out, x, t)
 
@@ -196,17 +197,23 @@ class GaussianDiffusion:
         is ``uncond + s (cond - uncond)``, with ``uncond`` the prediction for the null label
         ``model.num_classes`` (one model call on the doubled batch per step). s = 0 samples
         unconditionally, s = 1 (default) conditionally without guidance. The null label must
-        have been trained (``TrainConfig.label_dropout`` > 0)."""
+        have been trained (``TrainConfig.label_dropout`` > 0).
+
+        The sampler's state is float64; the model sees it in its parameters' floating dtype
+        (float32 for a model without parameters), e.g. bfloat16 for a bf16 model."""
         steps = min(50, self.T) if steps is None else steps
         steps = check_int("steps", steps, 1, self.T)
-        if not 0 <= eta <= 1:  # also refuses NaN
+        eta = check_float("eta", eta, 0)
+        if eta > 1:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         seed = check_int("seed", seed, *TORCH_SEEDS)
         if clip_x0 is not None:
             clip_x0 = check_float("clip_x0", clip_x0, 0, strict=True)
-        if device is None:  # the model's device, else the CPU
-            param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-            device = param.device if param is not None else "cpu"
+        # the model's device (else the CPU) and floating dtype (else float32) for its inputs
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        if device is None:
+            device = params[0].device if params else "cpu"
         device = torch.device(device)
         guidance_scale, y, null_label = self._check_guidance(model, y, guidance_scale, shape[0],
                                                              device)
@@ -223,7 +230,7 @@ class GaussianDiffusion:
             iterator = tqdm(iterator, desc="sampling", leave=False)
         for n in iterator:
             t = int(ts[n])
-            x0, eps = self._model_step(model, x.float(), t, y, guidance_scale, null_label)
+            x0, eps = self._model_step(model, x, t, y, guidance_scale, null_label, dtype)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 eps = (x - ac[t].sqrt() * x0) / (1 - ac[t]).sqrt()
