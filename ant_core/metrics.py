@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int, check_int_sequence
+from .checks import check_int, check_int_sequence, real_array
 
 __all__ = [
     "frechet_distance", "frechet_distance_from_features", "precision_recall", "PixelFeatures",
@@ -26,9 +26,7 @@ __all__ = [
 
 
 def _matrix(name, value, ndim):
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().double().numpy()
-    array = np.asarray(value, dtype=np.float64)
+    array = real_array(name, value)
     if array.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {array.shape}")
     if not np.isfinite(array).all():
@@ -70,15 +68,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     (ValueError otherwise, never silently symmetrised or clipped).
     """
     mu1, mu2 = _matrix("mu1", mu1, 1), _matrix("mu2", mu2, 1)
+    checked = _matrix("sigma1", sigma1, 2), _matrix("sigma2", sigma2, 2)
     # rounding of the inputs' own precision (a float32 or bf16 covariance is PSD only up to it)
     eps = max(_precision(sigma1), _precision(sigma2))
-    sigma1, sigma2 = _matrix("sigma1", sigma1, 2), _matrix("sigma2", sigma2, 2)
+    sigma1, sigma2 = checked
     d = mu1.shape[0]
     if mu2.shape != (d,):
         raise ValueError(f"mu2 must have shape ({d},) like mu1, got {mu2.shape}")
     for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
         if s.shape != (d, d):
             raise ValueError(f"{name} must have shape ({d}, {d}), got {s.shape}")
+    if 10 * d * eps >= 1:  # the PSD check would pass a matrix with eigenvalue -max|entry|
+        raise TypeError(f"sigma1, sigma2: a {d} x {d} covariance in a precision with epsilon "
+                        f"{eps:.3g} is too coarse to check or use; pass float32 or float64")
+    # in units of the largest entry: products of 1e80 covariances overflowed, 1e-150 underflowed
+    unit = max(np.abs(sigma1).max(initial=0.0), np.abs(sigma2).max(initial=0.0))
+    unit = unit if unit > 0 else 1.0
+    sigma1, sigma2 = sigma1 / unit, sigma2 / unit
     values1, vectors1 = _covariance_eigh("sigma1", sigma1, eps, vectors=True)
     _covariance_eigh("sigma2", sigma2, eps, vectors=False)
     root1 = (vectors1 * np.sqrt(np.clip(values1, 0, None))) @ vectors1.T
@@ -89,7 +95,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     values[values <= values.max(initial=0.0) * d * np.finfo(np.float64).eps] = 0.0
     trace_sqrt = np.sqrt(values).sum()
     diff = mu1 - mu2
-    fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    fd = diff @ diff + unit * (np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
     return float(max(fd, 0.0))
 
 
@@ -131,8 +137,9 @@ def _kth_neighbour_radii(features, k, chunk):
 
 
 def _inside_manifold(points, centres, radii, chunk):
-    """For each point: does some ball (centre_j, radius_j) contain it?"""
-    tol = 1e-9 * max(1.0, float(centres.abs().max()), float(points.abs().max()))
+    """For each point: does some ball (centre_j, radius_j) contain it? (Both sets centred
+    alike, so the rounding, and this tolerance for it, follow the features' own scale.)"""
+    tol = 1e-9 * max(float(centres.abs().max()), float(points.abs().max()))
     inside = []
     for start in range(0, points.shape[0], chunk):
         d = torch.cdist(points[start:start + chunk], centres)
@@ -161,6 +168,10 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
     if k >= min(real.shape[0], fake.shape[0]):
         raise ValueError(f"k={k} must be smaller than the number of real ({real.shape[0]}) and "
                          f"fake ({fake.shape[0]}) samples")
+    # distances are translation invariant; cdist's matrix-product form is not accurate for
+    # features far from their origin (a shared offset of 1e7 halved the precision)
+    centre = real.mean(dim=0)
+    real, fake = real - centre, fake - centre
     real_radii = _kth_neighbour_radii(real, k, chunk)
     fake_radii = _kth_neighbour_radii(fake, k, chunk)
     precision = _inside_manifold(fake, real, real_radii, chunk).double().mean().item()

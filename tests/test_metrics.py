@@ -101,6 +101,9 @@ def test_fd_invariances():
     moved = frechet_distance_from_features(f1 @ q + shift, f2 @ q + shift)
     assert moved == pytest.approx(base, rel=1e-9)
     assert frechet_distance_from_features(3 * f1, 3 * f2) == pytest.approx(9 * base, rel=1e-9)
+    for scale in (1e80, 1e-150):  # the covariance products overflowed / underflowed
+        assert frechet_distance_from_features(scale * f1, scale * f2) / scale**2 == \
+            pytest.approx(base, rel=1e-9)
 
 
 def test_fd_errors():
@@ -114,6 +117,9 @@ def test_fd_errors():
         frechet_distance_from_features(np.zeros((4, 3)), np.zeros((5, 2)))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+    for bad in (torch.eye(2, dtype=torch.complex64), [["1", "0"], ["0", "1"]]):
+        with pytest.raises(TypeError, match="sigma2 must be an array of real numbers"):
+            frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), bad)
     # not covariances: refused, not symmetrised or clipped (-I against I used to give 0)
     with pytest.raises(ValueError, match="sigma1 must be positive semi-definite"):
         frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))
@@ -123,6 +129,11 @@ def test_fd_errors():
     x = torch.randn(20, 8).bfloat16()
     low = (x.T @ x) / 19
     assert frechet_distance(torch.zeros(8), low, torch.zeros(8), low) >= 0
+    # ... but where that rounding (10 d eps) reaches the largest entry, the check means
+    # nothing: -I in bf16 at d = 64 gave FD 0 ("identical")
+    for dtype, d in ((torch.bfloat16, 64), (torch.bfloat16, 13), (torch.float16, 103)):
+        with pytest.raises(TypeError, match="too coarse to check"):
+            frechet_distance(torch.zeros(d), torch.eye(d), torch.zeros(d), (-torch.eye(d)).to(dtype))
 
 
 def _brute_force_precision_recall(real, fake, k):
@@ -164,6 +175,17 @@ def test_precision_recall_matches_brute_force(k):
     fake = rng.normal(size=(30, 3)) * 1.5 + 0.7
     got = precision_recall(torch.tensor(real), torch.tensor(fake), k=k, chunk=7)
     assert got == pytest.approx(_brute_force_precision_recall(real, fake, k))
+
+
+@pytest.mark.parametrize("scale, offset", [(1e-9, 0.0), (1.0, 1e7), (1e-2, 1e5)])
+def test_precision_recall_does_not_depend_on_the_features_scale_or_origin(scale, offset):
+    """An absolute 1e-9 tolerance inflated the balls of tiny features (0.18 -> 0.6), and a
+    shared offset made cdist's matrix-product form lose the distances (0.1 -> 0.05)."""
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(80, 8)), rng.normal(size=(60, 8)) * 1.5
+    want = _brute_force_precision_recall(real, fake, 3)
+    got = precision_recall(real * scale + offset, fake * scale + offset, k=3)
+    assert got == pytest.approx(want)
 
 
 def test_precision_recall_errors():
