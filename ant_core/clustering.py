@@ -203,7 +203,7 @@ def _series_for(objective, schedule, T):
     if objective == "timestep":
         if T is not None:
             T = check_int("T", T, 1)
-        if schedule is not None and not isinstance(schedule, str):  # T from the schedule
+        if schedule is not None:  # T from the schedule (a name is checked, T defaults to 1000)
             T = _schedules.get_schedule(schedule, T).T
         return np.arange(1000 if T is None else T, dtype=np.float64)
     sched = _schedules.get_schedule("linear" if schedule is None else schedule, T)
@@ -300,6 +300,8 @@ def interval_clustering(
 
     if k > n:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={n}")
+    if min_size > n:  # here: beyond int64 it would not even reach the solver's own check
+        raise ValueError(f"min_size must be <= T, got min_size={min_size} > T={n}")
     size_cap = min(max_size or 0, n)  # 0: none; one at or beyond T is none either
     if method == "monge" and not monge_ok:
         raise ValueError(
@@ -349,7 +351,13 @@ def interval_clustering_batched(
     if (cost_matrices is None) == (affinity is None):
         raise ValueError("pass exactly one of cost_matrices, affinity")
     name = "cost_matrices" if affinity is None else "affinity"
-    data = torch.as_tensor(cost_matrices if affinity is None else affinity)
+    data = cost_matrices if affinity is None else affinity
+    if isinstance(data, torch.Tensor):  # any device, kept there
+        if data.is_complex() or data.dtype == torch.bool:
+            raise TypeError(f"{name} must be an array of real numbers, got {data.dtype}")
+        data = data.detach()
+    else:
+        data = torch.from_numpy(real_array(name, data))
     if data.dim() != 3 or data.shape[1] != data.shape[2] or data.shape[1] == 0:
         raise ValueError(f"{name} must have shape (B, T, T) with T >= 1, got {tuple(data.shape)}")
     if data.dtype not in (torch.float32, torch.float64):
@@ -361,23 +369,22 @@ def interval_clustering_batched(
             raise ValueError(f"objective={objective!r} needs affinity=, not cost_matrices=")
         costs, objective = data, "cost_matrix"
     else:
-        objective = objective or "affinity"
+        objective = "affinity" if objective is None else objective
         if objective not in ("affinity", "affinity_average"):
             raise ValueError("objective must be 'affinity' or 'affinity_average' with affinity= "
                              f"(use interval_clustering for {objective!r}), got {objective!r}")
         costs = _affinity_costs_torch(data, objective)
-        if not bool(torch.isfinite(costs).all()):
-            raise ValueError("affinity: too large, the interval costs overflow double "
-                             "precision; rescale")
     if k > data.shape[1]:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={data.shape[1]}")
+    if min_size > data.shape[1]:
+        raise ValueError(f"min_size must be <= T, got min_size={min_size} > T={data.shape[1]}")
+    # no sum of k costs overflows (the CUDA kernel cannot report one on the way to the optimum)
+    if data.numel() and not math.isfinite(k * float(costs.abs().max())):
+        raise ValueError(f"{name}: the interval costs overflow double precision (k times the "
+                         "largest |cost| is not finite); rescale them")
     boundaries, costs_by_k = torch_ops().interval_dp_batched(
         costs, k, min_size, min(max_size or 0, data.shape[1]))
     boundaries, costs_by_k = boundaries.cpu().numpy(), costs_by_k.cpu().numpy()
-    overflowed = np.flatnonzero(~np.isfinite(costs_by_k[:, -1]))
-    if overflowed.size:  # the CPU solver raises this itself; the CUDA kernel reports it here
-        raise ValueError(f"{name}: problem {overflowed[0]}: the interval costs overflow double "
-                         "precision (the optimum is not finite); rescale them")
     return [
         IntervalClusters(
             bounds=tuple(zip(b[:-1].tolist(), b[1:].tolist())),

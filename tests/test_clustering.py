@@ -195,6 +195,12 @@ def test_one_value_intervals_cost_exactly_zero(objective, values):
     dict(k=2, affinity=np.full((3, 3), 1e308), objective="affinity_average"),
     dict(k=4, cost_matrix=np.diag([1e308] * 4)),
     dict(k=4, cost_matrix=np.diag([1e308, 1e308, -1e308, -1e308])),  # partial sums overflow
+    # a partial sum overflowed on the optimum's path while the final one stayed finite: the
+    # solver stepped around it and returned a worse partition
+    dict(k=3, cost_matrix=np.array([[1e308, 1e308, 0, 0], [0, 1e308, 0, 0], [0, 0, 0, -1.5e308],
+                                    [0, 0, 0, 0]])),
+    dict(k=3, cost_matrix=np.array([[1e308, 1e308, 0, 0], [0, 1e308, 0, 0], [0, 0, 0, -1.5e308],
+                                    [0, 0, 0, 0]]), method="exact"),
 ])
 def test_finite_input_whose_costs_overflow_is_a_clear_error(kwargs):
     with pytest.raises(ValueError, match="overflow double precision"):
@@ -382,6 +388,13 @@ def test_interval_clusters_type():
      "min_size must be <= T, got min_size=6 > T=5"),
     (dict(k=2, values=[1.0, 2.0, 3.0], schedule="cosine"), ValueError, "schedule does not apply"),
     (dict(k=2, affinity=np.eye(4), schedule="linear"), ValueError, "schedule does not apply"),
+    # an unknown schedule name was ignored by the timestep objective
+    (dict(k=2, objective="timestep", schedule="nope", T=10), ValueError, "schedule must be one of"),
+    (dict(k=1, values=3.0), ValueError, "values must be 1-D"),  # was a length-1 series
+    (dict(k=2, objective="timestep", T=5, min_size=2**70), ValueError,  # was pybind's dump
+     "min_size must be <= T"),
+    (dict(k=2, values=[True, False, True]), TypeError, "values must be an array of real numbers"),
+    (dict(k=2, cost_matrix=np.eye(3) + 0j), TypeError, "cost_matrix must be an array of real"),
 ])
 def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -74,6 +74,12 @@ def test_numpy_input_and_result_type():
     (dict(k=2, cost_matrices=np.full((2, 4, 4), np.nan)), ValueError, "must be finite"),
     (dict(k=3, cost_matrices=np.zeros((2, 4, 4)), min_size=2), ValueError, "infeasible size bounds"),
     (dict(k=2, affinity=np.zeros((2, 4, 4)), objective="affinity_medoid"), ValueError, "objective must be"),
+    (dict(k=2, affinity=np.zeros((2, 4, 4)), objective=""), ValueError, "objective must be"),
+    (dict(k=2, cost_matrices=np.zeros((2, 4, 4)), min_size=2**70), ValueError, "min_size must be <= T"),
+    # complex lost its imaginary part, bool became 0/1
+    (dict(k=2, cost_matrices=np.zeros((1, 4, 4)) + 1j), TypeError, "cost_matrices must be an array of real"),
+    (dict(k=2, cost_matrices=torch.zeros(1, 4, 4, dtype=torch.complex64)), TypeError, "cost_matrices must be"),
+    (dict(k=2, affinity=np.zeros((1, 4, 4), dtype=bool)), TypeError, "affinity must be an array of real"),
 ])
 def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -84,6 +90,8 @@ def test_bad_input(kwargs, exc, match):
 @pytest.mark.parametrize("kwargs", [
     dict(k=3, affinity=np.stack([np.eye(3), np.full((3, 3), 1e308)])),
     dict(k=4, cost_matrices=np.stack([np.zeros((4, 4)), np.diag([1e308] * 4)])),
+    dict(k=3, cost_matrices=np.array([[[1e308, 1e308, 0, 0], [0, 1e308, 0, 0],
+                                       [0, 0, 0, -1.5e308], [0, 0, 0, 0]]])),
 ])
 def test_costs_that_overflow_are_a_clear_error(device, kwargs):
     kwargs = {name: torch.as_tensor(v, device=device) if isinstance(v, np.ndarray) else v
@@ -108,3 +116,10 @@ def test_op_checks_directly():
         ops.interval_dp_batched(torch.zeros(1, 4, 4), 2, 3, 0)
     with pytest.raises(TypeError, match="float32 or float64"):
         ops.interval_dp_batched(torch.zeros(1, 4, 4, dtype=torch.int64), 2, 1, 0)
+
+
+def test_a_tensor_that_requires_grad_is_read_as_is():
+    costs = torch.rand(2, 5, 5, dtype=torch.float64, requires_grad=True)   # was a RuntimeError
+    got = interval_clustering_batched(2, cost_matrices=costs)
+    want = [interval_clustering(2, cost_matrix=c, method="exact") for c in costs.detach().numpy()]
+    assert [g.bounds for g in got] == [w.bounds for w in want]

@@ -183,8 +183,8 @@ void monge_layer(const Cost& cost, int64_t T, int64_t k, int64_t mn, int64_t mx,
 }  // namespace detail
 
 /// Solves the interval clustering problem for every k <= K and returns the K-interval optimum.
-/// Throws std::invalid_argument for K < 1, K > T, infeasible size bounds or costs whose optimum
-/// overflows double precision.
+/// Throws std::invalid_argument for K < 1, K > T, infeasible size bounds or costs whose sums
+/// on the way to the optimum overflow double precision.
 template <class Cost>
 Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
                 Method method = Method::Exact) {
@@ -207,14 +207,17 @@ Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
       detail::monge_layer(cost, T, k, mn, mx, prev, cur, a);
     else
       detail::exact_layer(cost, T, k, mn, mx, prev, cur, a);
+    // Every i in [k * mn, min(T, k * mx)] is reachable by k intervals, so a non-finite D[k][i]
+    // means partial sums overflowed (a later layer could otherwise step around it unnoticed).
+    for (int64_t i = k * mn, e = std::min(T, k * mx); i <= e; ++i)
+      if (!std::isfinite(cur.value[i]))
+        throw std::invalid_argument("the interval costs overflow double precision (a sum of " +
+                                    std::to_string(k) + " interval costs is " +
+                                    std::to_string(cur.value[i]) + "); rescale them");
     out.costs_by_k[k - 1] = cur.value[T];
     std::swap(prev, cur);
   }
   out.cost = out.costs_by_k[K - 1];
-  // The size bounds are feasible, so a non-finite optimum means the costs overflowed.
-  if (!std::isfinite(out.cost))
-    throw std::invalid_argument("the interval costs overflow double precision (the optimum is " +
-                                std::to_string(out.cost) + "); rescale them");
   out.boundaries.assign(K + 1, 0);
   out.boundaries[K] = T;
   for (int64_t k = K, i = T; k >= 1; --k) {

@@ -209,6 +209,9 @@ void test_uniform_timestep_and_errors() {
   CHECK(throws_invalid_argument([&] { ant::AbsDeviationCost bad(wiggly.data(), 0); }));
   CHECK(throws_invalid_argument([&] { ant::SquaredErrorCost bad(wiggly.data(), 0); }));
   CHECK(throws_invalid_argument([&] { ant::SquaredErrorCost bad(huge.data(), 4); }));
+  // a partial sum that overflows on the optimum's path, with a finite final optimum
+  std::vector<double> c{1e308, 1e308, 0, 0, 0, 1e308, 0, 0, 0, 0, 0, -1.5e308, 0, 0, 0, 0};
+  CHECK(throws_invalid_argument([&] { ant::solve(ant::MatrixCost(c.data(), 4), 4, 3); }));
 }
 
 void test_is_monge() {
