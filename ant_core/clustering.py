@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import schedules as _schedules
 from ._extension import load as _load_extension
-from .checks import check_int, real_array
+from .checks import check_bool, check_int, real_array
 
 __all__ = ["IntervalClusters", "interval_clustering", "interval_clustering_batched", "OBJECTIVES"]
 
@@ -80,11 +81,31 @@ class IntervalClusters:
             if nxt[0] is not None and nxt[0] != e:
                 raise ValueError(f"bounds must be contiguous, got ({s}, {e}) then {nxt}")
         object.__setattr__(self, "bounds", bounds)
-        object.__setattr__(self, "cost", _NO_COST if math.isnan(self.cost) else float(self.cost))
-        object.__setattr__(self, "costs_by_k", tuple(float(c) for c in self.costs_by_k))
+        def number(name, value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            return float(value)
+
+        cost = number("cost", self.cost)
+        if math.isinf(cost):
+            raise ValueError(f"cost must be finite (NaN: unknown), got {cost}")
+        object.__setattr__(self, "cost", _NO_COST if math.isnan(cost) else cost)
+        if isinstance(self.costs_by_k, (str, bytes)) or not hasattr(self.costs_by_k, "__iter__"):
+            raise TypeError(f"costs_by_k must be a sequence of numbers, got {self.costs_by_k!r}")
+        costs = tuple(number("costs_by_k entries", c) for c in self.costs_by_k)
+        if any(math.isnan(c) or c == -math.inf for c in costs):
+            raise ValueError(f"costs_by_k must be finite (inf: an infeasible k), got {costs}")
+        object.__setattr__(self, "costs_by_k", costs)
+        if not isinstance(self.objective, str):
+            raise TypeError(f"objective must be a str, got {self.objective!r}")
+        check_bool("fast_path", self.fast_path)
         labels = np.repeat(np.arange(len(bounds), dtype=np.int64), self.sizes)
         labels.setflags(write=False)
         object.__setattr__(self, "labels", labels)
+
+    def __reduce__(self):  # unpickling re-validates: NaN cost, read-only labels
+        return (type(self), (self.bounds, self.cost, self.costs_by_k, self.objective,
+                             self.fast_path))
 
     @classmethod
     def from_bounds(cls, bounds, objective: str = "custom") -> "IntervalClusters":
@@ -131,7 +152,7 @@ class IntervalClusters:
 
     def to_dict(self) -> dict:
         """Plain, strict-JSON data: an unknown ``cost`` (NaN) and the ``costs_by_k`` of an
-        infeasible k (inf) are written as None."""
+        infeasible k (inf) are written as None (:meth:`from_dict` reads them back)."""
         finite = lambda v: float(v) if math.isfinite(v) else None
         return {
             "bounds": [list(b) for b in self.bounds],
@@ -145,11 +166,13 @@ class IntervalClusters:
     def from_dict(cls, d: dict) -> "IntervalClusters":
         if not isinstance(d, dict) or "bounds" not in d:
             raise ValueError(f"clusters must be a dict with 'bounds' (to_dict's form), got {d!r}")
-        cost = d.get("cost")
+        cost, costs = d.get("cost"), d.get("costs_by_k", ())
+        if not isinstance(costs, (list, tuple)):
+            raise TypeError(f"costs_by_k must be a list of numbers, got {costs!r}")
         return cls(
             bounds=tuple(tuple(b) for b in d["bounds"]),
             cost=_NO_COST if cost is None else cost,
-            costs_by_k=tuple(math.inf if v is None else v for v in d.get("costs_by_k", ())),
+            costs_by_k=tuple(math.inf if v is None else v for v in costs),
             objective=d.get("objective", "custom"),
             fast_path=d.get("fast_path", False),
         )

@@ -355,6 +355,30 @@ def test_interval_clusters_type():
         c.labels[0] = 5  # read-only
 
 
+def test_interval_clusters_pickle_and_checked_fields():
+    """Pickled clusters without a cost compared unequal (NaN identity) and had writable labels;
+    from_dict read "12" as costs (1.0, 2.0), "no" as fast_path and True as a cost."""
+    import pickle
+
+    for c in (IntervalClusters.uniform(10, 3), interval_clustering(3, "timestep", T=10)):
+        back = pickle.loads(pickle.dumps(c))
+        assert back == c and not back.labels.flags.writeable
+    base = {"bounds": [[0, 2], [2, 5]]}
+    for extra, error, name in (({"costs_by_k": "12"}, TypeError, "costs_by_k"),
+                               ({"costs_by_k": None}, TypeError, "costs_by_k"),
+                               ({"costs_by_k": [1.0, "2"]}, TypeError, "costs_by_k"),
+                               ({"costs_by_k": [float("nan")]}, ValueError, "costs_by_k"),
+                               ({"costs_by_k": [-np.inf]}, ValueError, "costs_by_k"),
+                               ({"cost": True}, TypeError, "cost"),
+                               ({"cost": np.inf}, ValueError, "cost must be finite"),
+                               ({"fast_path": "no"}, TypeError, "fast_path"),
+                               ({"objective": 3}, TypeError, "objective")):
+        with pytest.raises(error, match=name):
+            IntervalClusters.from_dict({**base, **extra})
+    ok = IntervalClusters.from_dict({**base, "cost": np.float32(1.5), "costs_by_k": [np.inf, 2]})
+    assert ok.cost == 1.5 and ok.costs_by_k == (np.inf, 2.0)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
