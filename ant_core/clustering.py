@@ -274,11 +274,15 @@ def interval_clustering(
     satisfies the quadrangle inequality (proven for the deviation objectives on monotone series,
     checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed. Both return the
     same optimum and the same tie-breaking: among equally good partitions the most balanced one
-    (smallest sum of squared sizes), then the smallest boundaries compared from the last. Costs
-    are evaluated in float64 from prefix sums (a constant run costs exactly 0), so partitions
-    whose costs differ only by rounding (~1e-16 relative, e.g. deviations of 0.1, 0.2, 0.3) may
-    be ordered differently by the two methods. Finite input whose costs overflow float64 is a
-    ``ValueError``.
+    (smallest sum of squared sizes), then the smallest boundaries compared from the last.
+
+    Costs are float64, each accurate to about eps times itself: the prefix sums behind them are
+    compensated (double-double), so a value of 1e17 elsewhere in the series does not swamp an
+    interval of 5s and 0s (sse: values within about 1e15 of each other, its squares within
+    double-double's range; its rounding is at most ~2e-12 relative). A constant run costs
+    exactly 0. Partitions whose costs differ only by rounding (e.g. deviations of 0.1, 0.2,
+    0.3) may be ordered differently by the two methods. Finite input whose costs, or sums of
+    them on the way to the optimum, overflow float64 is a ``ValueError``.
     """
     k = check_int("k", k, 1)
     min_size = check_int("min_size", min_size, 1)
@@ -363,6 +367,10 @@ def interval_clustering_batched(
     ``"affinity_average"``; torch tensors (float32/float64, any device) or numpy arrays.
     Returns one IntervalClusters per problem, each the exact optimum with the same
     tie-breaking as ``interval_clustering(..., method="exact")`` on the same cost matrix.
+    Affinity costs are computed where the input lives, summed outward from inside each interval
+    in plain float64 (no large entry outside an interval swamps it), not compensated as
+    ``interval_clustering``'s are: they can differ in the last bits, and so can partitions that
+    tie up to that rounding. Costs whose k-fold sum overflows float64 are a ``ValueError``.
     """
     import torch
 
@@ -420,20 +428,37 @@ def interval_clustering_batched(
 
 
 def _affinity_costs_torch(A, objective):
-    """Cost matrices (B, T, T) of the affinity objectives, computed where A lives (float64)."""
+    """Cost matrices (B, T, T) of the affinity objectives, computed where A lives (float64).
+    Every interval is summed outward from entries inside it (masked cumulative sums), as the
+    C++ costs are, so a large entry outside an interval does not swamp its cost; the order of
+    the additions differs from the C++ one, so costs can differ from it in the last bits."""
     import torch
 
     A = A.double()
     T = A.shape[-1]
     idx = torch.arange(T, device=A.device)
-    l, r = idx[:, None].expand(T, T), idx[None, :].expand(T, T)
-    upper = r >= l
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
     if objective == "affinity":
-        R = torch.nn.functional.pad(A.cumsum(-1), (1, 0))  # R[b, c, t] = sum_{s < t} A[b, c, s]
-        c = torch.where(upper, l + (r - l) // 2, l)  # the middle index of l..r
-        C = -(R[:, c, r + 1] - R[:, c, l])
-    else:  # average linkage from 2-D prefix sums S[b, s, t] = sum_{s' < s, t' < t} A[b, s', t']
-        S = torch.nn.functional.pad(A.cumsum(1).cumsum(2), (1, 0, 1, 0))
-        block = S[:, r + 1, r + 1] - S[:, l, r + 1] - S[:, r + 1, l] + S[:, l, l]
-        C = -block / (r - l + 1).clamp(min=1)
-    return torch.where(upper, C, torch.zeros((), dtype=C.dtype, device=C.device))
+        # row c summed outward from c: the entries at distance d are A[c, c - d] and A[c, c + d]
+        c, d = idx[:, None], idx[None, :]
+        left, right = c - d, c + d
+        inside = (left >= 0) & (right < T)  # [c - d, c + d] fits in [0, T)
+        rows = c.expand(T, T)
+        ring = A[:, rows, left.clamp(min=0)] + torch.where(d > 0, A[:, rows, right.clamp(max=T - 1)], zero)
+        S = torch.where(inside, ring, zero).cumsum(-1)  # S[b, c, d]: row c over [c - d, c + d]
+        C = torch.zeros_like(A)
+        C[:, left[inside], right[inside]] = -S[:, inside]
+        odd = inside & (right + 1 < T)  # [c - d, c + d + 1] has middle c too
+        C[:, left[odd], right[odd] + 1] = -(S + A[:, rows, (right + 1).clamp(max=T - 1)])[:, odd]
+        return C
+    upper = idx[None, :] >= idx[:, None]  # [l, r]: l <= r
+
+    def triangle(M):  # U[b, l, r] = sum_{l <= s <= t <= r} M[b, s, t]
+        col = torch.where(upper, M, zero).flip(-2).cumsum(-2).flip(-2)  # sum_{s=l}^{t} M[s, t]
+        return torch.where(upper, col, zero).cumsum(-1)
+
+    diag = torch.diagonal(A, dim1=-2, dim2=-1)[:, None, :]
+    D = torch.where(upper, diag, zero).cumsum(-1)  # D[b, l, r] = sum_{t=l}^{r} A[t, t]
+    block = triangle(A) + triangle(A.transpose(-1, -2)) - D
+    sizes = (idx[None, :] - idx[:, None] + 1).clamp(min=1)
+    return torch.where(upper, -block / sizes, zero)

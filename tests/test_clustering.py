@@ -3,6 +3,7 @@ import itertools
 import json
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -32,15 +33,20 @@ def tie_key(bounds, cost):
     return (cost, sum(n * n for n in sizes), tuple(reversed([s for s, _ in bounds])))
 
 
+def total(interval_cost, bounds):
+    """The exact sum of a partition's interval costs (Fractions: no rounding)."""
+    return sum(Fraction(interval_cost(s, e - 1)) for s, e in bounds)
+
+
 def brute_force(interval_cost, T, k, min_size=1, max_size=None):
     """(best bounds under the tie rule, best cost) or None if infeasible."""
     best = None
     for bounds in all_partitions(T, k, min_size, max_size):
-        cost = sum(interval_cost(s, e - 1) for s, e in bounds)
+        cost = total(interval_cost, bounds)
         key = tie_key(bounds, cost)
         if best is None or key < best[0]:
             best = (key, bounds, cost)
-    return None if best is None else (best[1], best[2])
+    return None if best is None else (best[1], float(best[2]))
 
 
 def middle(l, r):
@@ -48,17 +54,23 @@ def middle(l, r):
 
 
 def direct_cost(objective, x=None, A=None):
-    """O(T) evaluation of an objective's cost for the inclusive interval l..r."""
+    """O(T) evaluation of an objective's cost for the inclusive interval l..r, in exact
+    rational arithmetic (a Fraction)."""
+    x = None if x is None else [Fraction(v) for v in np.asarray(x, dtype=float).tolist()]
+    A = None if A is None else [[Fraction(v) for v in row] for row in np.asarray(A).tolist()]
     if objective == "abs":
-        return lambda l, r: float(np.abs(x[l:r + 1] - x[middle(l, r)]).sum())
+        return lambda l, r: sum(abs(v - x[middle(l, r)]) for v in x[l:r + 1])
     if objective == "sse":
-        return lambda l, r: float(((x[l:r + 1] - x[l:r + 1].mean()) ** 2).sum())
+        def sse(l, r):
+            mean = sum(x[l:r + 1]) / (r - l + 1)
+            return sum((v - mean) ** 2 for v in x[l:r + 1])
+        return sse
     if objective == "affinity":
-        return lambda l, r: float(-A[middle(l, r), l:r + 1].sum())
+        return lambda l, r: -sum(A[middle(l, r)][l:r + 1])
     if objective == "affinity_medoid":
-        return lambda l, r: float(-max(A[c, l:r + 1].sum() for c in range(l, r + 1)))
+        return lambda l, r: -max(sum(A[c][l:r + 1]) for c in range(l, r + 1))
     if objective == "affinity_average":
-        return lambda l, r: float(-A[l:r + 1, l:r + 1].sum() / (r - l + 1))
+        return lambda l, r: -sum(sum(row[l:r + 1]) for row in A[l:r + 1]) / (r - l + 1)
     raise AssertionError(objective)
 
 
@@ -70,8 +82,8 @@ def check_against_brute(result, interval_cost, T, k, exact_ties, min_size=1, max
     if exact_ties:
         assert result.bounds == bounds
     else:  # float costs: the found partition must be optimal when evaluated directly
-        assert sum(interval_cost(s, e - 1) for s, e in result.bounds) == pytest.approx(
-            cost, rel=1e-9, abs=1e-9)
+        assert float(total(interval_cost, result.bounds)) == pytest.approx(cost, rel=1e-9,
+                                                                           abs=1e-9)
     for kk in range(1, k + 1):
         sub = brute_force(interval_cost, T, kk, min_size, max_size)
         want = np.inf if sub is None else sub[1]
@@ -309,6 +321,39 @@ def test_property_integer_matrix(args):
     C = np.array(flat, dtype=float).reshape(T, T)
     res = interval_clustering(k, cost_matrix=C)
     check_against_brute(res, lambda l, r: C[l, r], T, k, exact_ties=True)
+
+
+MIXED = st.one_of(st.integers(-6, 6).map(float), st.sampled_from([1e8, -1e8, 1e17, -1e17]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 7).flatmap(lambda T: st.tuples(
+    st.just(T), st.integers(1, T), st.lists(MIXED, min_size=T * T, max_size=T * T))),
+    st.sampled_from(["abs", "sse", "affinity", "affinity_medoid", "affinity_average"]),
+    st.sampled_from(["exact", "auto"]))
+def test_property_magnitudes_far_apart(args, objective, method):
+    """A value 1e17 before an interval used to swamp the interval's cost (prefix sums): e.g.
+    abs on [1e17, 5, 5, 0] with k = 3 returned a partition of cost 5 and reported 0. Each cost
+    is a double, so the objective is exact up to rounding of the costs themselves (a few eps
+    times the sum of their magnitudes), not of what lies outside their intervals."""
+    T, k, flat = args
+    if objective.startswith("affinity"):
+        A = np.array(flat).reshape(T, T)
+        result, cost = interval_clustering(k, objective, affinity=A, method=method), \
+            direct_cost(objective, A=A)
+    else:
+        x = np.array(flat[:T])
+        # squares of 1e17 next to 1 span 1e34, beyond double-double's ~1e32: sse is exact for
+        # values within about 1e15 of each other
+        x = np.sort(x) if objective == "abs" else np.clip(x, -1e8, 1e8)
+        result, cost = interval_clustering(k, objective, values=x, method=method), \
+            direct_cost(objective, x=x)
+    best, _ = brute_force(cost, T, k)
+    magnitude = sum(abs(cost(s, e - 1)) for bounds in (best, result.bounds) for s, e in bounds)
+    tolerance = 8 * np.finfo(float).eps * float(magnitude)
+    got = total(cost, result.bounds)
+    assert float(got - total(cost, best)) <= tolerance          # an optimal partition
+    assert abs(result.cost - float(got)) <= tolerance           # and its cost
 
 
 @settings(max_examples=40, deadline=None)

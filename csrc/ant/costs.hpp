@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -33,6 +34,48 @@ inline void check_series(const double* x, int64_t n) {
   check_finite(x, n, "values");
   if (n < 1) throw std::invalid_argument("values must not be empty");
 }
+
+/// Prefix sums kept as unevaluated pairs hi + lo (double-double): a difference of two of them,
+/// (hi_b - hi_a) + (lo_b - lo_a), is accurate to about eps times the difference itself, not
+/// eps times the prefix sums. Plain prefix sums lose an interval's cost to a large value
+/// anywhere before it: after 1e17, the values 5, 5 and 0 sum to a multiple of 16.
+/// (hi + lo) + v as a renormalised pair (Knuth's TwoSum): exact up to about eps^2 |sum|.
+inline void add_compensated(double hi, double lo, double v, double& out_hi, double& out_lo) {
+  const double s = hi + v, b = s - hi;
+  const double err = (hi - (s - b)) + (v - b) + lo;
+  out_hi = s + err;
+  out_lo = err - (out_hi - s);
+}
+
+/// a * b = p + e exactly (Dekker's product with Veltkamp's split; no FMA needed).
+inline double product_error(double a, double b, double p) {
+  auto split = [](double v, double& h, double& l) {
+    const double c = 134217729.0 * v;  // 2^27 + 1
+    h = c - (c - v);
+    l = v - h;
+  };
+  double ah, al, bh, bl;
+  split(a, ah, al);
+  split(b, bh, bl);
+  return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+}
+
+struct Prefix {
+  std::vector<double> hi, lo;
+  explicit Prefix(size_t n) : hi(n, 0.0), lo(n, 0.0) {}
+  /// entry t + 1 = entry t + v (+ e, a small correction of v)
+  void extend(size_t t, double v, double e = 0.0) {
+    add_compensated(hi[t], lo[t] + e, v, hi[t + 1], lo[t + 1]);
+  }
+  /// entry b - entry a
+  double diff(size_t b, size_t a) const { return (hi[b] - hi[a]) + (lo[b] - lo[a]); }
+  /// entry b - entry a as an unevaluated pair h + l (Knuth's TwoSum on the high parts)
+  void diff_pair(size_t b, size_t a, double& h, double& l) const {
+    h = hi[b] - hi[a];
+    const double v = h - hi[b];
+    l = ((hi[b] - (h - v)) - (hi[a] + v)) + (lo[b] - lo[a]);
+  }
+};
 
 /// Which intervals [j, i) of a series hold one repeated value. Their cost is exactly 0:
 /// prefix-sum differences would leave a rounding residue of either sign, and equally good
@@ -72,13 +115,17 @@ inline int monotone_direction(const double* x, int64_t n) {
 ///
 /// With P the prefix sums of the (non-decreasing) series, the cost of [j, i) is
 ///   x_c (c - j) - (P[c] - P[j]) + (P[i] - P[c+1]) - x_c (i - 1 - c)
-/// = P[i] + P[j] - G[i + j],   G[m] = P[c] + P[c+1] + (m even ? x_c : 0), c = (m - 1) / 2,
-/// because 2c + 1 - i - j is 0 for odd i + j and -1 for even i + j. Indexing G by i + j keeps
-/// the DP's inner loop (fixed j, increasing i) free of gathers, so it vectorises.
+/// = (P[i] - A[i + j]) + (P[j] - B[i + j]),   A[m] = P[c+1] + (m even ? x_c : 0), B[m] = P[c],
+/// c = (m - 1) / 2, because 2c + 1 - i - j is 0 for odd i + j and -1 for even i + j. Indexing
+/// A and B by i + j keeps the DP's inner loop (fixed j, increasing i) free of gathers, so it
+/// vectorises. P, A and B are compensated pairs: the high parts are differenced, the low parts
+/// (each below eps of its high part) summed, so a large value before the interval costs it
+/// nothing.
 class AbsDeviationCost {
  public:
   AbsDeviationCost(const double* x, int64_t n)
-      : prefix_(n + 1, 0.0), g_(2 * n + 1, 0.0), runs_(x, n) {
+      : prefix_(n + 1), a_(2 * n + 1, 0.0), b_(2 * n + 1, 0.0), low_(2 * n + 1, 0.0),
+        runs_(x, n) {
     check_series(x, n);
     const int dir = monotone_direction(x, n);
     if (dir == 0)
@@ -87,20 +134,27 @@ class AbsDeviationCost {
           "abs); use objective='sse' or a cost_matrix for other series");
     // |.| is invariant under negation: make the series non-decreasing.
     auto value = [&](int64_t t) { return dir < 0 ? -x[t] : x[t]; };
-    for (int64_t t = 0; t < n; ++t) prefix_[t + 1] = prefix_[t] + value(t);
+    for (int64_t t = 0; t < n; ++t) prefix_.extend(t, value(t));
     for (int64_t m = 1; m <= 2 * n - 1; ++m) {
       const int64_t c = (m - 1) / 2;
-      g_[m] = prefix_[c] + prefix_[c + 1] + (m % 2 == 0 ? value(c) : 0.0);
+      double a_lo = prefix_.lo[c + 1];
+      a_[m] = prefix_.hi[c + 1];
+      if (m % 2 == 0) add_compensated(a_[m], a_lo, value(c), a_[m], a_lo);
+      b_[m] = prefix_.hi[c];
+      low_[m] = a_lo + prefix_.lo[c];
     }
-    check_sums_finite(prefix_, 8.0, "values");  // |G| <= 4 max |P|, the cost adds three terms
+    check_sums_finite(prefix_.hi, 8.0, "values");  // |A| <= 2 max |P|, the cost adds four terms
   }
   double operator()(int64_t j, int64_t i) const {
-    const double cost = prefix_[i] + prefix_[j] - g_[i + j];
+    const int64_t m = i + j;
+    const double cost = ((prefix_.hi[i] - a_[m]) + (prefix_.hi[j] - b_[m])) +
+                        ((prefix_.lo[i] + prefix_.lo[j]) - low_[m]);
     return runs_.constant(j, i) ? 0.0 : std::max(cost, 0.0);  // one value: already exactly 0
   }
 
  private:
-  std::vector<double> prefix_, g_;
+  Prefix prefix_;
+  std::vector<double> a_, b_, low_;  // high parts of A and B, sum of their low parts
   ConstantRuns runs_;
 };
 
@@ -108,28 +162,43 @@ class AbsDeviationCost {
 /// when the series is monotone; any series is accepted (the exact solver then applies).
 class SquaredErrorCost {
  public:
-  SquaredErrorCost(const double* x, int64_t n)
-      : s1_(n + 1, 0.0), s2_(n + 1, 0.0), runs_(x, n) {
+  SquaredErrorCost(const double* x, int64_t n) : s1_(n + 1), s2_(n + 1), runs_(x, n) {
     check_series(x, n);
     // Shifting by a data point keeps the prefix sums well conditioned, and integer data
     // integer (so equal costs stay exactly equal and tie-breaking is not decided by rounding).
     const double shift = x[n / 2];
     for (int64_t t = 0; t < n; ++t) {
-      const double v = x[t] - shift;
-      s1_[t + 1] = s1_[t] + v;
-      s2_[t + 1] = s2_[t] + v * v;
+      const double v = x[t] - shift, square = v * v;
+      s1_.extend(t, v);
+      s2_.extend(t, square, product_error(v, v, square));
     }
-    check_sums_finite(s2_, static_cast<double>(n), "values");  // s^2 <= (i - j) * sum v^2
+    check_sums_finite(s2_.hi, static_cast<double>(n), "values");  // s^2 <= (i - j) sum v^2
   }
+  /// sum v^2 - s^2 / n over [j, i) from compensated prefix sums. Their final difference
+  /// cancels to the interval's spread, which can be far below its values' squares (values 0
+  /// and 1 next to 1e8): where it drops below 1/4096 of them, it is redone in pairs.
   double operator()(int64_t j, int64_t i) const {
-    const double s = s1_[i] - s1_[j];
-    const double sse = (s2_[i] - s2_[j]) - s * s / static_cast<double>(i - j);
+    const double n = static_cast<double>(i - j);
+    const double s = s1_.diff(i, j), q = s2_.diff(i, j);
+    double sse = q - s * s / n;  // off by at most ~5 eps q: relative 2e-12 above the threshold
+    if (sse < q * (1.0 / 4096.0)) sse = precise(j, i, n);
     // One value: exactly 0 (s2 - s * s / 1 would round either way).
     return (i == j + 1 || runs_.constant(j, i)) ? 0.0 : std::max(sse, 0.0);
   }
 
  private:
-  std::vector<double> s1_, s2_;
+  /// The same in pairs: accurate to about eps sse + eps^2 q.
+  double precise(int64_t j, int64_t i, double n) const {
+    double sh, sl, qh, ql;
+    s1_.diff_pair(i, j, sh, sl);
+    s2_.diff_pair(i, j, qh, ql);
+    const double p = sh * sh, pe = product_error(sh, sh, p) + 2.0 * sh * sl;  // s^2 = p + pe
+    const double dh = p / n, t = dh * n;                                      // s^2 / n = dh + dl
+    const double dl = (((p - t) - product_error(dh, n, t)) + pe) / n;
+    return (qh - dh) + (ql - dl);
+  }
+
+  Prefix s1_, s2_;
   ConstantRuns runs_;
 };
 
@@ -152,42 +221,59 @@ enum class AffinityCentre { Middle, Medoid, Average };
 ///   Middle:  -sum_{t in I} A[c, t],          c the middle index l + (r - l) / 2 (the paper)
 ///   Medoid:  -max_{c in I} sum_{t in I} A[c, t]   (best centre per interval; O(T^3 / 6))
 ///   Average: -(1 / |I|) sum_{s, t in I} A[s, t]   (average linkage, scaled like the others)
+/// Middle and Average sum each interval outward from entries inside it, Medoid differences row
+/// prefix sums, all compensated: a cost is accurate to about eps times itself (plus eps^2 times
+/// the entries involved), whatever large entries lie inside or outside its interval.
 inline std::vector<double> affinity_cost_matrix(const double* A, int64_t T, AffinityCentre centre) {
   check_finite(A, T * T, "affinity");
   std::vector<double> C(static_cast<size_t>(T) * T, 0.0);
-  if (centre == AffinityCentre::Average) {
-    // 2-D prefix sums S[(a) * (T+1) + b] = sum_{s < a, t < b} A[s, t].
-    std::vector<double> S(static_cast<size_t>(T + 1) * (T + 1), 0.0);
-    for (int64_t s = 0; s < T; ++s)
-      for (int64_t t = 0; t < T; ++t)
-        S[(s + 1) * (T + 1) + t + 1] =
-            A[s * T + t] + S[s * (T + 1) + t + 1] + S[(s + 1) * (T + 1) + t] - S[s * (T + 1) + t];
-    for (int64_t l = 0; l < T; ++l)
-      for (int64_t r = l; r < T; ++r) {
-        const double block = S[(r + 1) * (T + 1) + r + 1] - S[l * (T + 1) + r + 1] -
-                             S[(r + 1) * (T + 1) + l] + S[l * (T + 1) + l];
-        C[l * T + r] = -block / static_cast<double>(r - l + 1);
-      }
-    check_sums_finite(C, 1.0, "affinity");
-    return C;
-  }
-  // Row prefix sums R[c * (T+1) + t] = sum_{s < t} A[c, s].
-  std::vector<double> R(static_cast<size_t>(T) * (T + 1), 0.0);
-  for (int64_t c = 0; c < T; ++c)
-    for (int64_t t = 0; t < T; ++t) R[c * (T + 1) + t + 1] = R[c * (T + 1) + t] + A[c * T + t];
-  auto row_sum = [&](int64_t c, int64_t l, int64_t r) {
-    return R[c * (T + 1) + r + 1] - R[c * (T + 1) + l];
-  };
-  for (int64_t l = 0; l < T; ++l)
-    for (int64_t r = l; r < T; ++r) {
-      if (centre == AffinityCentre::Middle) {
-        C[l * T + r] = -row_sum(l + (r - l) / 2, l, r);
-      } else {
-        double best = row_sum(l, l, r);
-        for (int64_t c = l + 1; c <= r; ++c) best = std::max(best, row_sum(c, l, r));
-        C[l * T + r] = -best;
+  if (centre == AffinityCentre::Middle) {
+    // the intervals with middle c are [c - d, c + d] and [c - d, c + d + 1], d = 0, 1, ...
+    for (int64_t c = 0; c < T; ++c) {
+      const double* row = A + c * T;
+      double hi = row[c], lo = 0.0;
+      for (int64_t d = 0; c - d >= 0 && c + d < T; ++d) {
+        if (d > 0) {
+          add_compensated(hi, lo, row[c - d], hi, lo);
+          add_compensated(hi, lo, row[c + d], hi, lo);
+        }
+        C[(c - d) * T + c + d] = -(hi + lo);
+        if (c + d + 1 < T) {
+          double h, l;
+          add_compensated(hi, lo, row[c + d + 1], h, l);
+          C[(c - d) * T + c + d + 1] = -(h + l);
+        }
       }
     }
+  } else if (centre == AffinityCentre::Average) {
+    // For l = T-1 down to 0: col[t] = sum_{s=l}^{t-1} A[s, t] and row[r] = sum_{t=l}^{r} A[r, t];
+    // the block of l..r grows by col[r] + row[r] as r does (all compensated pairs).
+    Prefix col(T), row(T);  // pairs hi[t] + lo[t], updated in place
+    for (int64_t l = T - 1; l >= 0; --l) {
+      for (int64_t t = l + 1; t < T; ++t)
+        add_compensated(col.hi[t], col.lo[t], A[l * T + t], col.hi[t], col.lo[t]);
+      for (int64_t r = l; r < T; ++r)
+        add_compensated(row.hi[r], row.lo[r], A[r * T + l], row.hi[r], row.lo[r]);
+      double hi = 0.0, lo = 0.0;
+      for (int64_t r = l; r < T; ++r) {
+        if (r > l) add_compensated(hi, lo + col.lo[r], col.hi[r], hi, lo);
+        add_compensated(hi, lo + row.lo[r], row.hi[r], hi, lo);
+        C[l * T + r] = -(hi + lo) / static_cast<double>(r - l + 1);
+      }
+    }
+  } else {
+    // Compensated row prefix sums R[c * (T+1) + t] = sum_{s < t} A[c, s].
+    Prefix R(static_cast<size_t>(T) * (T + 1));
+    for (int64_t c = 0; c < T; ++c)
+      for (int64_t t = 0; t < T; ++t) R.extend(c * (T + 1) + t, A[c * T + t]);
+    for (int64_t l = 0; l < T; ++l)
+      for (int64_t r = l; r < T; ++r) {
+        double best = -std::numeric_limits<double>::infinity();
+        for (int64_t c = l; c <= r; ++c)
+          best = std::max(best, R.diff(c * (T + 1) + r + 1, c * (T + 1) + l));
+        C[l * T + r] = -best;
+      }
+  }
   check_sums_finite(C, 1.0, "affinity");
   return C;
 }
