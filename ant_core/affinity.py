@@ -136,6 +136,15 @@ def _checkpoint_files(source) -> list:
     return [path]
 
 
+def _npy_path(path) -> Path:
+    """``path`` as the .npy name AffinityResult saves to (".npy" appended where missing)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        raise ValueError(f"path {str(path)!r}: give the .npy name; the .json sidecar is "
+                         "written next to it")
+    return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
+
+
 @dataclass
 class AffinityResult:
     """``matrix`` (T x T), ``grid`` (M x M), the bins' ``timesteps`` (M; -1 for "random") and
@@ -148,13 +157,7 @@ class AffinityResult:
 
     def save(self, path) -> tuple:
         """Write ``path`` (.npy, the T x T matrix) and its JSON sidecar ``path.json``."""
-        path = Path(path)
-        if path.suffix == ".json":
-            raise ValueError(f"path {str(path)!r}: give the .npy name; the .json sidecar is "
-                             "written next to it")
-        if path.suffix != ".npy":
-            path = path.with_suffix(path.suffix + ".npy") if path.suffix else \
-                path.with_suffix(".npy")
+        path = _npy_path(path)
         side = path.with_suffix(".json")
         meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps],
                 "grid": np.asarray(self.grid, dtype=np.float64).tolist()}
@@ -175,8 +178,9 @@ class AffinityResult:
 
     @classmethod
     def load(cls, path) -> "AffinityResult":
-        """The result :meth:`save` wrote to ``path`` (the .npy) and its sidecar."""
-        path = Path(path)
+        """The result :meth:`save` wrote to ``path`` (named as for save) and its sidecar;
+        ``grid`` is None for files saved before the sidecar held it."""
+        path = _npy_path(path)
         side = path.with_suffix(".json")
         for name in (path, side):
             if not name.is_file():
@@ -184,11 +188,12 @@ class AffinityResult:
                                  "and its .json sidecar that save() wrote)")
         try:
             meta = json.loads(side.read_text())
-            grid, timesteps = meta.pop("grid"), meta.pop("grid_timesteps")
+            grid, timesteps = meta.pop("grid", None), meta.pop("grid_timesteps")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"path: {side} is not an affinity sidecar written by "
                              "AffinityResult.save") from None
-        return cls(np.load(path, allow_pickle=False), np.asarray(grid, dtype=np.float64),
+        return cls(np.load(path, allow_pickle=False),
+                   None if grid is None else np.asarray(grid, dtype=np.float64),
                    np.asarray(timesteps, dtype=np.int64), meta)
 
 

@@ -64,10 +64,11 @@ def check_int_sequence(name: str, value) -> tuple:
     return tuple(check_int(f"{name} entries", v, 1) for v in value)
 
 
-def real_array(name: str, value):
+def real_array(name: str, value, copy: bool = True):
     """Array-like of real numbers (numpy, list, torch tensor on any device) as a float64 numpy
-    copy (the caller's array stays theirs), without importing torch. Complex, bool and text are
-    a TypeError naming ``name`` (they were cast, parsed or lost their imaginary part)."""
+    copy (the caller's array stays theirs; ``copy=False``: only where a conversion needs one),
+    without importing torch. Complex, bool and text are a TypeError naming ``name`` (they were
+    cast, parsed or lost their imaginary part)."""
     if hasattr(value, "detach"):  # a torch tensor; .cpu() is a no-op for CPU tensors
         if value.is_complex() or str(value.dtype) == "torch.bool":
             raise TypeError(f"{name} must be an array of real numbers, got {value.dtype}")
@@ -80,4 +81,4 @@ def real_array(name: str, value):
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be an array of real numbers, got {array.dtype} "
                         f"({type(value).__name__})")
-    return np.array(array, dtype=np.float64)
+    return np.array(array, dtype=np.float64, copy=copy or None)

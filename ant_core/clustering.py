@@ -276,13 +276,15 @@ def interval_clustering(
     same optimum and the same tie-breaking: among equally good partitions the most balanced one
     (smallest sum of squared sizes), then the smallest boundaries compared from the last.
 
-    Costs are float64, each accurate to about eps times itself: the prefix sums behind them are
-    compensated (double-double), so a value of 1e17 elsewhere in the series does not swamp an
-    interval of 5s and 0s (sse: values within about 1e15 of each other, its squares within
-    double-double's range; its rounding is at most ~2e-12 relative). A constant run costs
-    exactly 0. Partitions whose costs differ only by rounding (e.g. deviations of 0.1, 0.2,
-    0.3) may be ordered differently by the two methods. Finite input whose costs, or sums of
-    them on the way to the optimum, overflow float64 is a ``ValueError``.
+    Costs are float64, each accurate to about eps times itself plus eps^2 (~1e-32) times the
+    prefix sums behind it (of the values, sse: of their squares, measured from the series'
+    middle value; affinity: of the entries): the sums are compensated (double-double), so a
+    value of 1e17 elsewhere in the series no longer swamps an interval of 5s and 0s. sse's
+    one-line formula, kept where the interval's spread exceeds 1/4096 of its squares, rounds
+    to at most ~2e-12 relative. A constant run costs exactly 0. Partitions whose costs differ
+    only by rounding (e.g. deviations of 0.1, 0.2, 0.3) may be ordered differently by the two
+    methods. Finite input whose costs overflow float64, or whose partial sums overflow where
+    a negative cost could bring them back, is a ``ValueError``.
     """
     k = check_int("k", k, 1)
     min_size = check_int("min_size", min_size, 1)
@@ -388,12 +390,12 @@ def interval_clustering_batched(
             raise TypeError(f"{name} must be an array of real numbers, got {data.dtype}")
         data = data.detach()
     else:
-        data = torch.from_numpy(real_array(name, data))
+        data = torch.from_numpy(real_array(name, data, copy=False))
     if data.dim() != 3 or data.shape[1] != data.shape[2] or data.shape[1] == 0:
         raise ValueError(f"{name} must have shape (B, T, T) with T >= 1, got {tuple(data.shape)}")
     if data.dtype not in (torch.float32, torch.float64):
         data = data.double()
-    if not bool(torch.isfinite(data).all()):
+    if data.numel() and not all(math.isfinite(v) for v in torch.aminmax(data)):  # NaN too
         raise ValueError(f"{name} must be finite")
     if affinity is None:
         if objective not in (None, "cost_matrix"):
@@ -409,8 +411,11 @@ def interval_clustering_batched(
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={data.shape[1]}")
     if min_size > data.shape[1]:
         raise ValueError(f"min_size must be <= T, got min_size={min_size} > T={data.shape[1]}")
-    # no sum of k costs overflows (the CUDA kernel cannot report one on the way to the optimum)
-    if data.numel() and not math.isfinite(k * float(costs.abs().max())):
+    # no sum of k costs overflows (the CUDA kernel cannot report one on the way to the optimum);
+    # the lower triangle is never read, so a bound over everything is checked on the upper one
+    # only when it fails
+    if data.numel() and not math.isfinite(k * max(abs(float(v)) for v in torch.aminmax(costs))) \
+            and not math.isfinite(k * float(torch.triu(costs).abs().max())):
         raise ValueError(f"{name}: the interval costs overflow double precision (k times the "
                          "largest |cost| is not finite); rescale them")
     boundaries, costs_by_k = torch_ops().interval_dp_batched(
@@ -439,17 +444,18 @@ def _affinity_costs_torch(A, objective):
     idx = torch.arange(T, device=A.device)
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
     if objective == "affinity":
-        # row c summed outward from c: the entries at distance d are A[c, c - d] and A[c, c + d]
-        c, d = idx[:, None], idx[None, :]
-        left, right = c - d, c + d
-        inside = (left >= 0) & (right < T)  # [c - d, c + d] fits in [0, T)
-        rows = c.expand(T, T)
-        ring = A[:, rows, left.clamp(min=0)] + torch.where(d > 0, A[:, rows, right.clamp(max=T - 1)], zero)
-        S = torch.where(inside, ring, zero).cumsum(-1)  # S[b, c, d]: row c over [c - d, c + d]
+        # row c summed outward from c: the entries at distance d are A[c, c - d] and A[c, c + d];
+        # the (c, d) that fit, and those with room for one more on the right, listed on the CPU
+        c, d = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        inside = (c - d >= 0) & (c + d < T)
+        ic, id_ = (t.to(A.device) for t in inside.nonzero(as_tuple=True))
+        oc, od = (t.to(A.device) for t in (inside & (c + d + 1 < T)).nonzero(as_tuple=True))
+        ring = torch.zeros_like(A)
+        ring[:, ic, id_] = A[:, ic, ic - id_] + torch.where(id_ > 0, A[:, ic, ic + id_], zero)
+        S = ring.cumsum(-1)  # S[b, c, d]: row c over [c - d, c + d]
         C = torch.zeros_like(A)
-        C[:, left[inside], right[inside]] = -S[:, inside]
-        odd = inside & (right + 1 < T)  # [c - d, c + d + 1] has middle c too
-        C[:, left[odd], right[odd] + 1] = -(S + A[:, rows, (right + 1).clamp(max=T - 1)])[:, odd]
+        C[:, ic - id_, ic + id_] = -S[:, ic, id_]
+        C[:, oc - od, oc + od + 1] = -(S[:, oc, od] + A[:, oc, oc + od + 1])  # [c-d, c+d+1]
         return C
     upper = idx[None, :] >= idx[:, None]  # [l, r]: l <= r
 

@@ -490,7 +490,11 @@ def test_linear_interpolation_and_saving(tmp_path):
         AffinityResult.load(tmp_path / "bare.npy")
     (tmp_path / "bare.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not an affinity sidecar"):
-        AffinityResult.load(tmp_path / "bare.npy")
+        AffinityResult.load(tmp_path / "bare")          # named as for save: bare.npy
+    # a sidecar from before the grid was saved
+    (tmp_path / "bare.json").write_text(json.dumps({"grid_timesteps": centers.tolist()}))
+    old = AffinityResult.load(tmp_path / "bare.npy")
+    assert old.grid is None and old.timesteps.tolist() == centers.tolist()
     r.metadata["numpy"] = np.int64(3)  # serialised as a number
     r.save(tmp_path / "m.npy")
     assert json.loads((tmp_path / "m.json").read_text())["numpy"] == 3

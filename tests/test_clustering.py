@@ -323,7 +323,8 @@ def test_property_integer_matrix(args):
     check_against_brute(res, lambda l, r: C[l, r], T, k, exact_ties=True)
 
 
-MIXED = st.one_of(st.integers(-6, 6).map(float), st.sampled_from([1e8, -1e8, 1e17, -1e17]))
+MIXED = st.one_of(st.integers(-6, 6).map(float), st.floats(-1, 1),
+                  st.sampled_from([1e8, -1e8, 1e17, -1e17]))
 
 
 @settings(max_examples=150, deadline=None)
@@ -335,7 +336,8 @@ def test_property_magnitudes_far_apart(args, objective, method):
     """A value 1e17 before an interval used to swamp the interval's cost (prefix sums): e.g.
     abs on [1e17, 5, 5, 0] with k = 3 returned a partition of cost 5 and reported 0. Each cost
     is a double, so the objective is exact up to rounding of the costs themselves (a few eps
-    times the sum of their magnitudes), not of what lies outside their intervals."""
+    times the sum of their magnitudes) plus eps^2 times the sums behind them, no longer eps
+    times what lies outside their intervals."""
     T, k, flat = args
     if objective.startswith("affinity"):
         A = np.array(flat).reshape(T, T)
@@ -350,10 +352,42 @@ def test_property_magnitudes_far_apart(args, objective, method):
             direct_cost(objective, x=x)
     best, _ = brute_force(cost, T, k)
     magnitude = sum(abs(cost(s, e - 1)) for bounds in (best, result.bounds) for s, e in bounds)
-    tolerance = 8 * np.finfo(float).eps * float(magnitude)
+    # sse keeps its one-line formula where its rounding stays below 4096 eps of the cost; the
+    # compensated prefix sums add ~eps^2 times the sums (from the series' middle value)
+    eps = np.finfo(float).eps
+    if objective.startswith("affinity"):
+        sums = np.abs(A).sum()
+    else:
+        deviation = np.abs(x - x[len(x) // 2])
+        sums = (deviation**2 if objective == "sse" else deviation).sum()
+    tolerance = (8 * 4096 if objective == "sse" else 8) * eps * float(magnitude) + \
+        64 * eps**2 * sums
     got = total(cost, result.bounds)
     assert float(got - total(cost, best)) <= tolerance          # an optimal partition
     assert abs(result.cost - float(got)) <= tolerance           # and its cost
+
+
+def test_cancellation_cases_are_exact():
+    """Fixed cases of the paths the property test rarely reaches: sse's pair path (values 0, 1
+    next to 1e8: its one-line formula gives 0), sse near the overflow bound (the pair path's
+    split overflowed: "a sum of 1 interval costs is inf"), abs on a series with a common offset
+    of 1e12 (1% off before its middle value was subtracted), and non-negative costs whose
+    partial sums overflow away from the optimum (refused, though the optimum is 0)."""
+    # (accuracy: about eps * cost + eps^2 * the squares; the 1e153 case has squares 1e25 times
+    # its cost)
+    for k, x, rel in ((3, [0, 1, 1e8, 1e8, 2, 3], 1e-12),
+                      (2, [1e153, 1e153 * (1 + 1e-12), 0, 0], 1e-6),
+                      (3, 1e12 + 0.001 * np.arange(40), 1e-12)):
+        objective = "abs" if len(x) == 40 else "sse"
+        res = interval_clustering(k, objective, values=x)
+        cost = direct_cost(objective, x=x)
+        exact = total(cost, res.bounds)
+        assert float(exact) == float(total(cost, brute_force(cost, len(x), k)[0]))
+        assert res.cost == pytest.approx(float(exact), rel=rel)
+    C = np.zeros((3, 3))
+    C[0, 0] = C[1, 1] = 1e308
+    res = interval_clustering(2, cost_matrix=C)
+    assert res.bounds == ((0, 2), (2, 3)) and res.cost == 0.0
 
 
 @settings(max_examples=40, deadline=None)

@@ -128,9 +128,26 @@ def test_a_tensor_that_requires_grad_is_read_as_is():
 @pytest.mark.parametrize("objective", ["affinity", "affinity_average"])
 def test_large_entries_outside_an_interval_do_not_swamp_it(objective):
     """Prefix-sum differences lost the costs of small intervals to a -1e17 entry before them
-    (affinity_average reported -28 for an optimum of -25.5)."""
+    (affinity_average reported -28 for an optimum of -25.5); checked against exact rational
+    costs of every partition."""
+    from fractions import Fraction
+
     A = np.array([[[5, -1e17, 9, 7], [-1e17, 2, 7, 5], [9, 7, 8, 0], [2, 6, 6, 3]],
                   [[6, -1e17, 3, 8], [-1e17, 6, 0, 6], [2, 8, 9, 4], [9, 7, 3, 8]]])
+
+    def exact(a, bounds):
+        a = [[Fraction(v) for v in row] for row in a.tolist()]
+        if objective == "affinity":
+            return -sum(sum(a[s + (e - 1 - s) // 2][s:e]) for s, e in bounds)
+        return -sum(sum(sum(row[s:e]) for row in a[s:e]) / (e - s) for s, e in bounds)
+
     for got, a in zip(interval_clustering_batched(3, affinity=A, objective=objective), A):
-        want = interval_clustering(3, objective, affinity=a)
-        assert got.bounds == want.bounds and got.cost == want.cost
+        options = [((0, i), (i, j), (j, 4)) for i in range(1, 3) for j in range(i + 1, 4)]
+        best = min(exact(a, b) for b in options)
+        assert exact(a, got.bounds) == best and got.cost == float(best)
+
+
+def test_the_unread_lower_triangle_does_not_count_towards_overflow():
+    costs = np.triu(np.random.default_rng(0).random((1, 6, 6))) + np.tril(np.full((6, 6), 1e308), -1)
+    got = interval_clustering_batched(2, cost_matrices=costs)[0]
+    assert got.bounds == interval_clustering(2, cost_matrix=costs[0], method="exact").bounds

@@ -47,6 +47,13 @@ inline void add_compensated(double hi, double lo, double v, double& out_hi, doub
   out_lo = err - (out_hi - s);
 }
 
+/// a - b = h + e exactly (Knuth's TwoSum).
+inline void exact_difference(double a, double b, double& h, double& e) {
+  h = a - b;
+  const double v = h - a;
+  e = (a - (h - v)) - (b + v);
+}
+
 /// a * b = p + e exactly (Dekker's product with Veltkamp's split; no FMA needed).
 inline double product_error(double a, double b, double p) {
   auto split = [](double v, double& h, double& l) {
@@ -69,11 +76,10 @@ struct Prefix {
   }
   /// entry b - entry a
   double diff(size_t b, size_t a) const { return (hi[b] - hi[a]) + (lo[b] - lo[a]); }
-  /// entry b - entry a as an unevaluated pair h + l (Knuth's TwoSum on the high parts)
+  /// entry b - entry a as an unevaluated pair h + l
   void diff_pair(size_t b, size_t a, double& h, double& l) const {
-    h = hi[b] - hi[a];
-    const double v = h - hi[b];
-    l = ((hi[b] - (h - v)) - (hi[a] + v)) + (lo[b] - lo[a]);
+    exact_difference(hi[b], hi[a], h, l);
+    l += lo[b] - lo[a];
   }
 };
 
@@ -132,14 +138,26 @@ class AbsDeviationCost {
       throw std::invalid_argument(
           "values must be monotone for an absolute-deviation objective (timestep/snr/log_snr/"
           "abs); use objective='sse' or a cost_matrix for other series");
-    // |.| is invariant under negation: make the series non-decreasing.
-    auto value = [&](int64_t t) { return dir < 0 ? -x[t] : x[t]; };
-    for (int64_t t = 0; t < n; ++t) prefix_.extend(t, value(t));
+    // |.| is invariant under negation and shifts: make the series non-decreasing, and measure
+    // it from its middle value (a common offset of 1e12 would otherwise fill the prefix sums),
+    // each difference kept exactly as a pair h + e (1 - 1e17 is not a double).
+    const double shift = x[n / 2];
+    auto value = [&](int64_t t, double& h, double& e) {
+      exact_difference(dir < 0 ? shift : x[t], dir < 0 ? x[t] : shift, h, e);
+    };
+    double h, e;
+    for (int64_t t = 0; t < n; ++t) {
+      value(t, h, e);
+      prefix_.extend(t, h, e);
+    }
     for (int64_t m = 1; m <= 2 * n - 1; ++m) {
       const int64_t c = (m - 1) / 2;
       double a_lo = prefix_.lo[c + 1];
       a_[m] = prefix_.hi[c + 1];
-      if (m % 2 == 0) add_compensated(a_[m], a_lo, value(c), a_[m], a_lo);
+      if (m % 2 == 0) {
+        value(c, h, e);
+        add_compensated(a_[m], a_lo + e, h, a_[m], a_lo);
+      }
       b_[m] = prefix_.hi[c];
       low_[m] = a_lo + prefix_.lo[c];
     }
@@ -168,9 +186,11 @@ class SquaredErrorCost {
     // integer (so equal costs stay exactly equal and tie-breaking is not decided by rounding).
     const double shift = x[n / 2];
     for (int64_t t = 0; t < n; ++t) {
-      const double v = x[t] - shift, square = v * v;
-      s1_.extend(t, v);
-      s2_.extend(t, square, product_error(v, v, square));
+      double v, e;  // x[t] - shift = v + e exactly, (v + e)^2 = square + its error (to eps^2)
+      exact_difference(x[t], shift, v, e);
+      const double square = v * v;
+      s1_.extend(t, v, e);
+      s2_.extend(t, square, product_error(v, v, square) + 2.0 * v * e);
     }
     check_sums_finite(s2_.hi, static_cast<double>(n), "values");  // s^2 <= (i - j) sum v^2
   }
@@ -192,10 +212,16 @@ class SquaredErrorCost {
     double sh, sl, qh, ql;
     s1_.diff_pair(i, j, sh, sl);
     s2_.diff_pair(i, j, qh, ql);
+    // Veltkamp's split overflows above ~1e300: there, work in units of 2^1000 (exact scaling)
+    const bool big = qh > 0x1p900;
+    if (big) {
+      sh *= 0x1p-500, sl *= 0x1p-500, qh *= 0x1p-1000, ql *= 0x1p-1000;
+    }
     const double p = sh * sh, pe = product_error(sh, sh, p) + 2.0 * sh * sl;  // s^2 = p + pe
     const double dh = p / n, t = dh * n;                                      // s^2 / n = dh + dl
     const double dl = (((p - t) - product_error(dh, n, t)) + pe) / n;
-    return (qh - dh) + (ql - dl);
+    const double sse = (qh - dh) + (ql - dl);
+    return big ? sse * 0x1p1000 : sse;
   }
 
   Prefix s1_, s2_;
@@ -262,17 +288,22 @@ inline std::vector<double> affinity_cost_matrix(const double* A, int64_t T, Affi
       }
     }
   } else {
-    // Compensated row prefix sums R[c * (T+1) + t] = sum_{s < t} A[c, s].
+    // Compensated row prefix sums R[c * (T+1) + t] = sum_{s < t} A[c, s]; for each l, every
+    // centre c updates the best row sum of the intervals l..r, r >= c (r innermost: contiguous).
     Prefix R(static_cast<size_t>(T) * (T + 1));
     for (int64_t c = 0; c < T; ++c)
       for (int64_t t = 0; t < T; ++t) R.extend(c * (T + 1) + t, A[c * T + t]);
-    for (int64_t l = 0; l < T; ++l)
-      for (int64_t r = l; r < T; ++r) {
-        double best = -std::numeric_limits<double>::infinity();
-        for (int64_t c = l; c <= r; ++c)
-          best = std::max(best, R.diff(c * (T + 1) + r + 1, c * (T + 1) + l));
-        C[l * T + r] = -best;
+    std::vector<double> best(T);
+    for (int64_t l = 0; l < T; ++l) {
+      std::fill(best.begin() + l, best.end(), -std::numeric_limits<double>::infinity());
+      for (int64_t c = l; c < T; ++c) {
+        const double* hi = R.hi.data() + c * (T + 1);
+        const double* lo = R.lo.data() + c * (T + 1);
+        for (int64_t r = c; r < T; ++r)
+          best[r] = std::max(best[r], (hi[r + 1] - hi[l]) + (lo[r + 1] - lo[l]));
       }
+      for (int64_t r = l; r < T; ++r) C[l * T + r] = -best[r];
+    }
   }
   check_sums_finite(C, 1.0, "affinity");
   return C;

@@ -182,6 +182,15 @@ void monge_layer(const Cost& cost, int64_t T, int64_t k, int64_t mn, int64_t mx,
 
 }  // namespace detail
 
+/// Whether any interval cost is negative (O(T^2) evaluations; asked only after an overflow).
+template <class Cost>
+bool has_negative_cost(const Cost& cost, int64_t T) {
+  for (int64_t j = 0; j < T; ++j)
+    for (int64_t i = j + 1; i <= T; ++i)
+      if (cost(j, i) < 0) return true;
+  return false;
+}
+
 /// Solves the interval clustering problem for every k <= K and returns the K-interval optimum.
 /// Throws std::invalid_argument for K < 1, K > T, infeasible size bounds or costs whose sums
 /// on the way to the optimum overflow double precision.
@@ -208,16 +217,23 @@ Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
     else
       detail::exact_layer(cost, T, k, mn, mx, prev, cur, a);
     // Every i in [k * mn, min(T, k * mx)] is reachable by k intervals, so a non-finite D[k][i]
-    // means partial sums overflowed (a later layer could otherwise step around it unnoticed).
-    for (int64_t i = k * mn, e = std::min(T, k * mx); i <= e; ++i)
-      if (!std::isfinite(cur.value[i]))
+    // means partial sums overflowed. A later layer could step around it unnoticed, and return
+    // a worse partition, only where a negative cost could bring such a sum back.
+    for (int64_t i = k * mn, e = std::min(T, k * mx); i <= e; ++i) {
+      const double v = cur.value[i];
+      if (!std::isfinite(v) && (v != detail::kInf || has_negative_cost(cost, T)))
         throw std::invalid_argument("the interval costs overflow double precision (a sum of " +
                                     std::to_string(k) + " interval costs is " +
-                                    std::to_string(cur.value[i]) + "); rescale them");
+                                    std::to_string(v) + "); rescale them");
+    }
     out.costs_by_k[k - 1] = cur.value[T];
     std::swap(prev, cur);
   }
   out.cost = out.costs_by_k[K - 1];
+  // The size bounds are feasible, so a non-finite optimum means the costs overflowed.
+  if (!std::isfinite(out.cost))
+    throw std::invalid_argument("the interval costs overflow double precision (the optimum is " +
+                                std::to_string(out.cost) + "); rescale them");
   out.boundaries.assign(K + 1, 0);
   out.boundaries[K] = T;
   for (int64_t k = K, i = T; k >= 1; --k) {
