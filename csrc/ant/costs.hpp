@@ -35,10 +35,6 @@ inline void check_series(const double* x, int64_t n) {
   if (n < 1) throw std::invalid_argument("values must not be empty");
 }
 
-/// Prefix sums kept as unevaluated pairs hi + lo (double-double): a difference of two of them,
-/// (hi_b - hi_a) + (lo_b - lo_a), is accurate to about eps times the difference itself, not
-/// eps times the prefix sums. Plain prefix sums lose an interval's cost to a large value
-/// anywhere before it: after 1e17, the values 5, 5 and 0 sum to a multiple of 16.
 /// (hi + lo) + v as a renormalised pair (Knuth's TwoSum): exact up to about eps^2 |sum|.
 inline void add_compensated(double hi, double lo, double v, double& out_hi, double& out_lo) {
   const double s = hi + v, b = s - hi;
@@ -67,6 +63,11 @@ inline double product_error(double a, double b, double p) {
   return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
 }
 
+/// Prefix sums kept as unevaluated pairs hi + lo (double-double): a difference of two of them,
+/// (hi_b - hi_a) + (lo_b - lo_a), is accurate to about eps times the difference itself plus
+/// eps^2 times the prefix sums, not eps times the prefix sums. Plain prefix sums lose an
+/// interval's cost to a large value anywhere before it: after 1e17, the values 5, 5 and 0 sum
+/// to a multiple of 16.
 struct Prefix {
   std::vector<double> hi, lo;
   explicit Prefix(size_t n) : hi(n, 0.0), lo(n, 0.0) {}

@@ -180,8 +180,6 @@ void monge_layer(const Cost& cost, int64_t T, int64_t k, int64_t mn, int64_t mx,
   }
 }
 
-}  // namespace detail
-
 /// Whether any interval cost is negative (O(T^2) evaluations; asked only after an overflow).
 template <class Cost>
 bool has_negative_cost(const Cost& cost, int64_t T) {
@@ -191,9 +189,12 @@ bool has_negative_cost(const Cost& cost, int64_t T) {
   return false;
 }
 
+}  // namespace detail
+
 /// Solves the interval clustering problem for every k <= K and returns the K-interval optimum.
-/// Throws std::invalid_argument for K < 1, K > T, infeasible size bounds or costs whose sums
-/// on the way to the optimum overflow double precision.
+/// Throws std::invalid_argument for K < 1, K > T, infeasible size bounds, an optimum that
+/// overflows double precision, or partial sums that overflow where a negative cost could bring
+/// them back (the DP would step around them and return a worse partition).
 template <class Cost>
 Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
                 Method method = Method::Exact) {
@@ -209,6 +210,7 @@ Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
   out.fast_path = method == Method::Monge;
   prev.value[0] = 0.0;
   prev.balance[0] = 0.0;
+  int negative = -1;  // whether some cost is negative: -1 until asked
   for (int64_t k = 1; k <= K; ++k) {
     cur.reset();
     int32_t* a = arg.data() + static_cast<size_t>(k - 1) * (T + 1);
@@ -221,7 +223,9 @@ Partition solve(const Cost& cost, int64_t T, int64_t K, SizeBounds bounds = {},
     // a worse partition, only where a negative cost could bring such a sum back.
     for (int64_t i = k * mn, e = std::min(T, k * mx); i <= e; ++i) {
       const double v = cur.value[i];
-      if (!std::isfinite(v) && (v != detail::kInf || has_negative_cost(cost, T)))
+      if (!std::isfinite(v) && negative < 0 && v == detail::kInf)
+        negative = detail::has_negative_cost(cost, T);  // once
+      if (!std::isfinite(v) && (v != detail::kInf || negative == 1))
         throw std::invalid_argument("the interval costs overflow double precision (a sum of " +
                                     std::to_string(k) + " interval costs is " +
                                     std::to_string(v) + "); rescale them");
