@@ -258,6 +258,23 @@ def test_gradnorm_weight_gradient():
     torch.testing.assert_close(gn.task_weights.grad, torch.sign(w * norms - target) * norms)
 
 
+def test_gradnorm_initial_losses_skip_a_non_finite_first_loss():
+    """A NaN first loss (an fp16 step a GradScaler skips) was kept as the task's initial loss:
+    every later ratio was NaN and the balancing gradient 0 for good."""
+    model, x, y, group = _problem()
+    gn = mtl.create("gradnorm", num_tasks=K).double()
+    losses = _losses(model, x, y, group)
+    gn.backward(losses * torch.tensor([1.0, float("nan"), 1.0], dtype=losses.dtype),
+                model.parameters())
+    assert gn.initialised.tolist() == [True, False, True]
+    for p in model.parameters():
+        p.grad = None
+    gn.task_weights.grad = None
+    gn.backward(_losses(model, x, y, group), model.parameters())
+    assert gn.initialised.all() and torch.isfinite(gn.initial_losses).all()
+    assert gn.task_weights.grad.abs().sum() > 0
+
+
 def test_nash_solution_is_the_bargaining_point():
     rng = np.random.default_rng(0)
     for k in [1, 2, 5, 32]:
@@ -689,6 +706,14 @@ def test_bad_group_names_group(name):
     ("gradnorm", {"gradnorm_parameter": True}, TypeError, "gradnorm_parameter"),
     ("gradnorm", {"gradnorm_parameter": 1.5}, TypeError, "gradnorm_parameter"),
     ("nashmtl", {"max_iter": 0}, ValueError, "max_iter"),
+    ("nashmtl", {"max_norm": True}, TypeError, "max_norm must be a number"),
+    ("nashmtl", {"max_norm": 0}, ValueError, "max_norm"),
+    # c = inf wrote a zero gradient, 1e200 overflowed in the solve, True was 1.0
+    ("cagrad", {"c": float("inf")}, ValueError, "c must be a finite number"),
+    ("cagrad", {"c": 1e200}, ValueError, "c must be at most"),
+    ("cagrad", {"c": True}, TypeError, "c must be a number"),
+    ("dwa", {"temperature": float("inf")}, ValueError, "temperature"),  # uniform for good
+    ("dwa", {"temperature": "2"}, TypeError, "temperature must be a number"),
     ("pcgrad", {"seed": -1}, ValueError, "seed"),
     ("rlw", {"seed": 1.5}, TypeError, "seed"),
 ])

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..checks import check_int
+from ..checks import check_float, check_int
 from . import distributed, gradient_solvers
 from .base import MTLMethod, _add_grad, register, warn_non_finite
 from .engines import resolve_engine
@@ -182,9 +182,9 @@ class CAGrad(_GradientMethod):
 
     def __init__(self, num_tasks, *, c: float = 0.4, engine="autograd", process_group=None):
         super().__init__(num_tasks, engine=engine, process_group=process_group)
-        if not c >= 0:
-            raise ValueError(f"c must be >= 0, got {c}")
-        self.c = float(c)
+        self.c = check_float("c", c, 0)
+        if self.c > 1e150:  # c = 1e200: the solve's c^2 overflowed
+            raise ValueError(f"c must be at most 1e150, got {c}")
 
     def _solve(self, gramian):
         return gradient_solvers.cagrad_coefficients(gramian, c=self.c)
@@ -225,8 +225,8 @@ class NashMTL(_GradientMethod):
                  process_group=None):
         super().__init__(num_tasks, engine=engine, process_group=process_group)
         update_weights_every = check_int("update_weights_every", update_weights_every, 1)
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0 or None, got {max_norm}")
+        if max_norm is not None:
+            max_norm = check_float("max_norm", max_norm, 0, strict=True)
         if on_failure not in ("raise", "warn"):
             raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
         self.update_weights_every = update_weights_every

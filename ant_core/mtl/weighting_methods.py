@@ -96,9 +96,7 @@ class DynamicWeightAverage(_LossWeighting):
 
     def __init__(self, num_tasks, *, temperature: float = 2.0, process_group=None):
         super().__init__(num_tasks, process_group=process_group)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_float("temperature", temperature, 0, strict=True)
         self.register_buffer("loss_history", torch.zeros(2, num_tasks, dtype=torch.float64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
@@ -148,8 +146,8 @@ class GradNorm(_LossWeighting):
     default the **last** shared parameter with ``requires_grad`` (the output layer's last
     tensor in a usual ``model.parameters()`` order). The balancing loss
     ``Σ_k |w_k n_k − mean(w n) · r_k^α|`` (``r_k`` the relative inverse training rate from the
-    first loss of each task, target held constant; the means are over the tasks present in the
-    batch) gives ``task_weights.grad``; the weights are renormalised to sum to K at each call.
+    first finite loss of each task, target held constant; the means are over the tasks present
+    in the batch with a finite loss) gives ``task_weights.grad``; the weights are renormalised to sum to K at each call.
     Gradient written: ``Σ (w_k / K) ∇L_k``.
     Costs K extra backward passes restricted to ``W``.
     """
@@ -185,11 +183,14 @@ class GradNorm(_LossWeighting):
     def _weights(self, global_losses, present, scale):
         with torch.no_grad():
             self.task_weights.mul_(self.num_tasks / self.task_weights.sum())
-        present = present.to(self.initialised.device)
-        first = present & ~self.initialised  # each task's first loss: when it is first present
+        # each task's first finite loss (a NaN one, e.g. from an fp16 step the GradScaler
+        # skips, made every later ratio NaN: the balancing gradient was 0 for good)
+        finite = torch.isfinite(global_losses).to(self.initialised.device)
+        present = present.to(self.initialised.device) & finite
+        first = present & ~self.initialised
         self.initial_losses.copy_(torch.where(first, global_losses.to(self.initial_losses),
                                               self.initial_losses))
-        self.initialised |= present
+        self.initialised |= first
         layer = self._layer()
         scaled = self._losses * (self._shares * scale.double()).to(self._losses.dtype)
         layer_grads = []
