@@ -15,6 +15,7 @@ import operator
 import torch
 
 from ._extension import torch_ops
+from .checks import check_bool
 
 __all__ = ["grouped_mse", "reference_grouped_mse", "check_groups"]
 
@@ -70,6 +71,20 @@ def _check_metadata(pred, target, groups, num_groups, weight, op="grouped_mse"):
             raise ValueError(
                 f"{op}: weight must have shape (B,) = ({batch},), got {tuple(weight.shape)}"
             )
+    # (also the op's Meta kernel: a CPU pred with a meta target returned uninitialised memory)
+    for name, t in (("target", target), ("groups", groups), ("weight", weight)):
+        if t is not None and t.device != pred.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but pred is on {pred.device}")
+
+
+def _num_groups(num_groups, op):
+    """``num_groups`` as an int >= 1: an int or numpy integer, not a bool, naming it."""
+    if isinstance(num_groups, bool) or not hasattr(num_groups, "__index__"):
+        raise TypeError(f"{op}: num_groups must be an int, got {type(num_groups).__name__}")
+    num_groups = operator.index(num_groups)  # numpy integers too (e.g. labels.max() + 1)
+    if num_groups < 1:
+        raise ValueError(f"{op}: num_groups must be >= 1, got {num_groups}")
+    return num_groups
 
 
 @torch.library.register_fake("ant_core::grouped_mse")
@@ -147,9 +162,8 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"grouped_mse: {name} must be a torch.Tensor, got "
                             f"{type(value).__name__}")
-    if isinstance(num_groups, bool) or not hasattr(num_groups, "__index__"):
-        raise TypeError(f"grouped_mse: num_groups must be an int, got {type(num_groups).__name__}")
-    num_groups = operator.index(num_groups)  # numpy integers too (e.g. labels.max() + 1)
+    num_groups = _num_groups(num_groups, "grouped_mse")
+    check_bool("return_per_sample", return_per_sample)
     group_loss, sample_mse, _ = _grouped_mse_op(pred, target, groups, num_groups, weight)
     if not return_per_sample:
         return group_loss
@@ -167,18 +181,21 @@ def reference_grouped_mse(
     as the op's are (traceable: it compiles with ``fullgraph=True``); group ids are not (index_add
     raises on the CPU and asserts on CUDA; use :func:`check_groups`).
     """
+    num_groups = _num_groups(num_groups, "reference_grouped_mse")
+    check_bool("return_per_sample", return_per_sample)
     _check_metadata(pred, target, groups, num_groups, weight, op="reference_grouped_mse")
     acc = _accumulate_dtype(pred, target)
     batch = pred.shape[0]
     diff = pred.to(acc) - target.to(acc)
     sample_mse = diff.square().reshape(batch, -1).mean(dim=1)
     per_sample = sample_mse if weight is None else sample_mse * weight.to(acc)
+    # group sums in float64 as the op's (float32 sums of 2e5 samples were 2e-4 off)
     index = groups.long()
-    sums = torch.zeros(num_groups, dtype=acc, device=pred.device).index_add(0, index, per_sample)
-    counts = torch.zeros(num_groups, dtype=acc, device=pred.device).index_add(
-        0, index, torch.ones_like(per_sample)
-    )
-    group_loss = sums / counts.clamp_min(1)
+    sums = torch.zeros(num_groups, dtype=torch.float64, device=pred.device).index_add(
+        0, index, per_sample.double())
+    counts = torch.zeros(num_groups, dtype=torch.float64, device=pred.device).index_add(
+        0, index, torch.ones_like(per_sample, dtype=torch.float64))
+    group_loss = (sums / counts.clamp_min(1)).to(acc)
     if return_per_sample:
         return group_loss, per_sample
     return group_loss
@@ -198,8 +215,7 @@ def check_groups(groups, num_groups):
         )
     if groups.dim() != 1:
         raise ValueError(f"check_groups: groups must be 1-D, got shape {tuple(groups.shape)}")
-    if num_groups < 1:
-        raise ValueError(f"check_groups: num_groups must be >= 1, got {num_groups}")
+    num_groups = _num_groups(num_groups, "check_groups")
     if groups.numel() == 0:
         return
     low, high = (int(v) for v in torch.aminmax(groups))

@@ -77,6 +77,9 @@ class ContinuousUncertainty(nn.Module):
     EDM2's code: the zero-initialised last layer (EDM2: a random weight-normalised one), the
     input λ·input_scale (EDM2 feeds ln σ / 4 = −λ / 8), and the trainer applies it to the plain
     per-sample MSE of the prediction target (EDM2: its preconditioned, λ-weighted loss).
+    The Fourier frequencies and phases stay at least float32 when the module is cast to a half
+    type (bfloat16 frequencies put λ = 60 a quarter turn off), and the features are computed
+    in at least float32. ``input_scale`` is a constructor argument, not part of the state dict.
     """
 
     def __init__(self, num_features: int = 64, hidden: int = 0, input_scale: float = 0.25,
@@ -96,13 +99,25 @@ class ContinuousUncertainty(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
+    def _apply(self, fn, *args, **kwargs):
+        kept = {name: self._buffers[name] for name in ("frequencies", "phases")}
+        super()._apply(fn, *args, **kwargs)
+        for name, old in kept.items():  # a cast to a half type moves them but keeps float32
+            new = self._buffers[name]
+            if new.dtype.itemsize < 4:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def log_variance(self, log_snr: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """``u(λ)`` of shape (B,). ``check=False`` skips validating ``log_snr``, whose
         finiteness test reads the device back (a host sync), for inputs finite by construction."""
         if check:
             log_snr = _check_snr(log_snr, "log_snr", allow_negative=True)
-        x = log_snr.to(self.frequencies.dtype)[:, None] * self.input_scale
-        features = math.sqrt(2.0) * torch.cos(2 * math.pi * (x * self.frequencies + self.phases))
+        # the phase f·λ·s + φ in at least float32: in bfloat16, λ = 60 was off by a quarter turn
+        dtype = torch.promote_types(self.frequencies.dtype, torch.float32)
+        x = log_snr.to(dtype)[:, None] * self.input_scale
+        phase = x * self.frequencies.to(dtype) + self.phases.to(dtype)
+        features = math.sqrt(2.0) * torch.cos(2 * math.pi * phase)
         return self.net(features.to(self.net[0].weight.dtype)).squeeze(-1)
 
     def forward(self, loss: torch.Tensor, log_snr: torch.Tensor, *,

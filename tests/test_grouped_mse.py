@@ -494,8 +494,7 @@ def test_bad_input_raises(case):
 
 
 @pytest.mark.parametrize("case", [c for c in bad_inputs() if isinstance(c[1][0], torch.Tensor)
-                                  and not c[0].startswith(("num_groups_float", "num_groups_bool",
-                                                           "groups_list", "weight_list",
+                                  and not c[0].startswith(("groups_list", "weight_list",
                                                            "group_"))],
                          ids=lambda c: c[0])
 def test_reference_refuses_what_the_op_refuses(case):
@@ -533,8 +532,51 @@ def test_num_groups_accepts_numpy_integers():
     torch.testing.assert_close(grouped_mse(p, p * 0, g, np.int64(2)), expected)
 
 
+def test_an_argument_on_the_meta_device_is_refused():
+    """The fake kernel is also the op's Meta kernel: a CPU pred with a meta target returned
+    uninitialised CPU memory as the losses."""
+    p, g, w = torch.randn(3, 4), torch.tensor([0, 1, 1]), torch.ones(3)
+    for args, name in (((p, p.to("meta"), g, 2, None), "target"),
+                       ((p, p, g.to("meta"), 2, None), "groups"),
+                       ((p, p, g, 2, w.to("meta")), "weight")):
+        for fn in (grouped_mse, reference_grouped_mse):
+            with pytest.raises(ValueError, match=f"{name} is on meta but pred is on cpu"):
+                fn(*args)
+
+
+def test_per_sample_losses_alone_give_the_reference_gradient_with_infinite_values():
+    """With only the per-sample losses used, the absent group term entered as 0 * inf = NaN:
+    weight gradient [nan, 1] and pred gradient [nan, 2] where the reference has inf."""
+    for pred, weight in ((torch.tensor([[1e20], [1.0]]), torch.ones(2)),
+                         (torch.ones(2, 1), torch.tensor([float("inf"), 1.0]))):
+        grads = []
+        for fn in (grouped_mse, reference_grouped_mse):
+            p, w = pred.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            _, per_sample = fn(p, torch.zeros(2, 1), torch.tensor([0, 1]), 2, w,
+                               return_per_sample=True)
+            per_sample.sum().backward()
+            grads.append((p.grad, w.grad))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)
+        assert not torch.isnan(grads[0][0]).any() and not torch.isnan(grads[0][1]).any()
+
+
+def test_reference_sums_groups_in_float64():
+    """Float32 group sums of 2e5 samples were 2e-4 off (the op's were right)."""
+    p, g = torch.full((200_000, 1), 1.0001), torch.zeros(200_000, dtype=torch.long)
+    exact = (torch.tensor(1.0001, dtype=torch.float32).double() ** 2).float()
+    for fn in (grouped_mse, reference_grouped_mse):
+        torch.testing.assert_close(fn(p, p * 0, g, 1), exact.reshape(1), rtol=1e-6, atol=0)
+
+
 def test_check_groups():
     check_groups(torch.tensor([0, 1, 2]), 3)
+    for bad, error in ((1.5, TypeError), ("2", TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="num_groups"):  # 1.5 passed, "2" was a bare TypeError
+            check_groups(torch.tensor([0]), bad)
+    with pytest.raises(TypeError, match="return_per_sample"):  # "no" counted as true
+        grouped_mse(torch.ones(1, 1), torch.ones(1, 1), torch.tensor([0]), 1,
+                    return_per_sample="no")
     check_groups(torch.tensor([0, 1], dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="groups"):
         check_groups(torch.tensor([0, 3]), 3)

@@ -116,22 +116,26 @@ class GroupedMse : public torch::autograd::Function<GroupedMse> {
     const bool need_target = ctx->needs_input_grad(1);
     const bool need_weight = ctx->saved_data["has_weight"].toBool() && ctx->needs_input_grad(3);
     variable_list out(5);  // one entry per forward argument
-    at::Tensor grad_group = grads[0];
+    const bool group_used = grads[0].defined();
     const at::Tensor& grad_sample = grads[1];
-    if (!grad_group.defined() && !grad_sample.defined()) return out;
-    if (!grad_group.defined()) grad_group = at::zeros({num_groups}, sample_mse.options());
+    if (!group_used && !grad_sample.defined()) return out;
+    const at::Tensor grad_group =
+        group_used ? grads[0] : at::zeros({num_groups}, sample_mse.options());
+    // The weight enters through the group losses only: when just the per-sample losses were
+    // used, leave it out (an infinite weight would make 0 * inf = NaN of the absent term).
+    const at::Tensor& w = group_used ? weight : at::Tensor();
     if (need_pred || need_target) {
       // Grad mode is on in a backward exactly when it builds a graph (create_graph=True).
       auto [grad_pred, grad_target] =
           at::GradMode::is_enabled()
               ? differentiable_grads(grad_group, grad_sample, pred, target, groups, group_count,
-                                     weight, num_groups)
+                                     w, num_groups)
               : grouped_mse_backward_op(grad_group, optional(grad_sample), pred, target, groups,
-                                        group_count, optional(weight), need_target);
+                                        group_count, optional(w), need_target);
       if (need_pred) out[0] = grad_pred;
       if (need_target) out[1] = grad_target;
     }
-    if (need_weight) {
+    if (need_weight && group_used) {
       out[4] = (per_sample_group_grad(grad_group, group_count, groups, num_groups,
                                       grad_group.scalar_type()) *
                 sample_mse)
