@@ -165,6 +165,27 @@ def test_load_image_folder_crop_and_resize(tmp_path):
     torch.testing.assert_close(data.images[0, 0], -torch.ones(4, 4))
 
 
+def test_load_image_folder_classes_are_top_level_folders(tmp_path):
+    """dog/deep/c.png was a class of its own, and root images a class named '.'."""
+    pytest.importorskip("PIL")
+    for sub in ("cat", "dog", "dog/deep"):
+        (tmp_path / sub).mkdir(parents=True)
+        _write_png(tmp_path / sub / "x.png", np.zeros((4, 4, 3), np.uint8))
+    data = load_image_folder(tmp_path, image_size=4)
+    assert data.class_names == ("cat", "dog") and data.labels.tolist() == [0, 1, 1]
+    _write_png(tmp_path / "loose.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="images outside them .*loose.png"):
+        load_image_folder(tmp_path, image_size=4)
+
+
+def test_load_image_folder_refuses_16_bit_and_float_images(tmp_path):
+    """Converting them to 8 bits clipped every value above 255 (a 16-bit ramp became -1, 1)."""
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"a\.png is a I;16.* image; .*load_array"):
+        load_image_folder(tmp_path, image_size=8, grayscale=True)
+
+
 def test_load_image_folder_errors(tmp_path):
     pytest.importorskip("PIL")
     with pytest.raises(FileNotFoundError, match="path"):
@@ -215,29 +236,34 @@ def test_get_dataset_resolution_and_errors(tmp_path):
 
 
 def _small_dataset(n=10):
-    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 2, 2)
+    """Image i is filled with i / 64 (image_ids(batch) reads i back)."""
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 2, 2) / 64
     return ImageDataset(images.clone(), torch.arange(n) % 3, 3)
+
+
+def image_ids(images):
+    return (images[:, 0, 0, 0] * 64).round().long()
 
 
 def test_loader_epochs_are_permutations_and_seeded():
     data = _small_dataset(10)
     loader = make_loader(data, batch_size=5, seed=7)
-    ids = torch.cat([next(loader)[0][:, 0, 0, 0] for _ in range(4)]).long()
+    ids = image_ids(torch.cat([next(loader)[0] for _ in range(4)]))
     assert sorted(ids[:10].tolist()) == list(range(10))
     assert sorted(ids[10:].tolist()) == list(range(10))
     assert ids[:10].tolist() != ids[10:].tolist()  # reshuffled every epoch
     again = make_loader(data, batch_size=5, seed=7)
-    assert torch.equal(torch.cat([next(again)[0] for _ in range(4)])[:, 0, 0, 0].long(), ids)
+    assert torch.equal(image_ids(torch.cat([next(again)[0] for _ in range(4)])), ids)
     other = make_loader(data, batch_size=10, seed=8)
-    assert next(other)[0][:, 0, 0, 0].long().tolist() != ids[:10].tolist()
+    assert image_ids(next(other)[0]).tolist() != ids[:10].tolist()
     images, labels = next(make_loader(data, batch_size=4, seed=0))
-    assert labels.tolist() == (images[:, 0, 0, 0].long() % 3).tolist()
+    assert labels.tolist() == (image_ids(images) % 3).tolist()
 
 
 def test_loader_batches_cross_epochs_and_resume():
     data = _small_dataset(7)
     loader = make_loader(data, batch_size=3, seed=1)
-    batches = [next(loader)[0][:, 0, 0, 0].long() for _ in range(7)]  # 21 = 3 epochs
+    batches = [image_ids(next(loader)[0]) for _ in range(7)]  # 21 = 3 epochs
     assert all(len(b) == 3 for b in batches)
     flat = torch.cat(batches)
     for e in range(3):
@@ -248,7 +274,7 @@ def test_loader_batches_cross_epochs_and_resume():
     state = resumed.state_dict()
     fresh = make_loader(data, batch_size=3, seed=1)
     fresh.load_state_dict(state)
-    assert [next(fresh)[0][:, 0, 0, 0].long().tolist() for _ in range(4)] == \
+    assert [image_ids(next(fresh)[0]).tolist() for _ in range(4)] == \
         [b.tolist() for b in batches[3:]]
 
 
@@ -260,7 +286,7 @@ def test_loader_ddp_shards_are_disjoint_and_cover(world_size):
     shards = []
     for rank in range(world_size):
         loader = make_loader(data, batch_size=per_rank, seed=4, rank=rank, world_size=world_size)
-        shards.append(next(loader)[0][:, 0, 0, 0].long().tolist())
+        shards.append(image_ids(next(loader)[0]).tolist())
     union = sum(shards, [])
     assert sorted(set(union)) == list(range(n))  # every sample seen in one epoch
     assert len(union) == per_rank * world_size  # wrap-around padding only
@@ -277,6 +303,13 @@ def test_loader_generic_dataset_and_errors():
 
     images, labels = next(make_loader(Plain(), batch_size=4, shuffle=False))
     assert images[:, 0, 0, 0].tolist() == [0, 1, 2, 3] and labels.tolist() == [0, 1, 2, 3]
+
+    class FloatLabels(Plain):
+        def __getitem__(self, i):
+            return torch.zeros(1, 2, 2), i + 0.7
+
+    with pytest.raises(TypeError, match="labels must be integers"):  # 2.7 was read as 2
+        next(make_loader(FloatLabels(), batch_size=4, shuffle=False))
     with pytest.raises(ValueError, match="rank"):
         make_loader(_small_dataset(), batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
@@ -298,7 +331,9 @@ def test_image_dataset_refuses_what_it_would_change_silently():
     images = torch.rand(3, 3, 4, 4) * 2 - 1
     for bad_images, error, message in (
             ((images * 100).to(torch.uint8), TypeError, "images must be floating point"),
-            (images.masked_fill(images > 0.9, float("nan")), ValueError, "NaN")):
+            (images.masked_fill(images > 0.9, float("nan")), ValueError, "NaN"),
+            # [0, 255] floats trained unscaled (and sampling clips at 1)
+            ((images + 1) * 127.5, ValueError, r"images must lie in \[-1, 1\], got values in")):
         with pytest.raises(error, match=message):
             ImageDataset(bad_images)
     for labels, num_classes, error, message in (

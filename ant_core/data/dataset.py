@@ -31,6 +31,10 @@ class ImageDataset(torch.utils.data.Dataset):
                             "(load_array scales integer images)")
         if not bool(torch.isfinite(images).all()):
             raise ValueError("images contain NaN or infinite values")
+        low, high = (float(v) for v in torch.aminmax(images))
+        if low < -1 - 1e-5 or high > 1 + 1e-5:  # [0, 255] floats trained unscaled, and sampling
+            raise ValueError(f"images must lie in [-1, 1], got values in [{low:g}, {high:g}] "
+                             "(load_array's value_range scales them)")  # clips at 1
         self.images = images.float().contiguous()
         self.num_classes = None if num_classes is None else check_int("num_classes",
                                                                       num_classes, 1)

@@ -31,9 +31,10 @@ def _require_path(path, what="path") -> Path:
 def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDataset:
     """Load every image under a folder (recursively), center-cropped and resized to a square.
 
-    Images directly in sub-folders get the sub-folder's name as class (sorted, like
-    torchvision's ImageFolder); with a single folder the data is unlabelled. Needs Pillow
-    (``pip install pillow``).
+    With sub-folders, each image's class is the top-level sub-folder it lies under (sorted,
+    like torchvision's ImageFolder; deeper folders belong to it); with no sub-folders the data
+    is unlabelled. 8-bit images only (16-bit and float images would be clipped at 255: convert
+    them, or save an array for :func:`load_array`). Needs Pillow (``pip install pillow``).
     """
     try:
         from PIL import Image
@@ -47,8 +48,13 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
                    and f.is_file())
     if not files:
         raise ValueError(f"path={str(path)!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-    groups = [str(f.parent.relative_to(root)) for f in files]
-    names = tuple(sorted(set(groups)))
+    groups = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None
+              for f in files]
+    if len(set(groups)) > 1 and None in groups:
+        loose = files[groups.index(None)]
+        raise ValueError(f"path={str(path)!r} has class sub-folders and images outside them "
+                         f"(e.g. {loose.name}): move them into a class folder")
+    names = tuple(sorted(set(groups) - {None}))
     arrays = []
     for f in files:
         try:
@@ -57,6 +63,10 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
         except OSError as exc:  # PIL's UnidentifiedImageError too
             raise ValueError(f"path={str(path)!r}: cannot read image {f} ({exc})") from None
         with img:
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                raise ValueError(f"path={str(path)!r}: {f} is a {img.mode} (16-bit or float) "
+                                 "image; converting it would clip it at 255: save the images "
+                                 "as an array for load_array (with value_range) instead")
             img = img.convert("L" if grayscale else "RGB")
             w, h = img.size
             side = min(w, h)

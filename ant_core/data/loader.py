@@ -49,7 +49,11 @@ class InfiniteLoader:
         items = [self.dataset[int(i)] for i in indices]
         if isinstance(items[0], (tuple, list)):
             images = torch.stack([torch.as_tensor(it[0]) for it in items])
-            labels = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
+            labels = torch.as_tensor([it[1] for it in items])
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise TypeError(f"dataset labels must be integers, got {labels.dtype} "
+                                f"(e.g. {items[0][1]!r}): 2.7 would be truncated to 2")
+            labels = labels.long()
         else:
             images = torch.stack([torch.as_tensor(it) for it in items])
             labels = torch.zeros(len(items), dtype=torch.long)
