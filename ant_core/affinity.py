@@ -145,6 +145,20 @@ def _npy_path(path) -> Path:
     return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 
+def output_paths(path) -> tuple:
+    """The (.npy, .json) files :meth:`AffinityResult.save` writes for ``path``, checked before
+    anything is written (or estimated): neither is a folder, and their folder can be made."""
+    npy = _npy_path(path)
+    side = npy.with_suffix(".json")
+    for target in (Path(path), npy, side):
+        if target.is_dir():
+            raise ValueError(f"path {str(target)!r} is a folder; give a file name (FILE.npy)")
+    if npy.parent.exists() and not npy.parent.is_dir():
+        raise ValueError(f"path {str(npy)!r}: {npy.parent} is not a folder")
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    return npy, side
+
+
 @dataclass
 class AffinityResult:
     """``matrix`` (T x T), ``grid`` (M x M), the bins' ``timesteps`` (M; -1 for "random") and
@@ -157,8 +171,7 @@ class AffinityResult:
 
     def save(self, path) -> tuple:
         """Write ``path`` (.npy, the T x T matrix) and its JSON sidecar ``path.json``."""
-        path = _npy_path(path)
-        side = path.with_suffix(".json")
+        path, side = output_paths(path)
         meta = {**self.metadata, "grid_timesteps": [int(t) for t in self.timesteps],
                 "grid": np.asarray(self.grid, dtype=np.float64).tolist()}
 

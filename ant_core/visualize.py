@@ -135,16 +135,20 @@ def has_matplotlib() -> bool:
 
 
 def check_plot_path(path) -> Path:
-    """Before any long work: matplotlib is importable, it can write ``path``'s format (from the
-    suffix; none: PNG) and ``path``'s folder can be made."""
+    """The file a plot of ``path`` is written to (``.png`` added without a suffix, as
+    matplotlib does), checked before any long work: matplotlib is importable, it can write the
+    format, the file is not a folder, and its folder can be made."""
     _pyplot()
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(path)
+    path = path if path.suffix else path.with_name(path.name + ".png")
     formats = FigureCanvasBase.get_supported_filetypes()
-    if path.suffix and path.suffix[1:].lower() not in formats:
+    if path.suffix[1:].lower() not in formats:
         raise ValueError(f"plot path {str(path)!r}: matplotlib cannot write {path.suffix!r} "
                          f"files; use one of {', '.join('.' + f for f in sorted(formats))}")
+    if path.is_dir():
+        raise ValueError(f"plot path {str(path)!r} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -207,7 +211,7 @@ def plot_clusters(c, log_snr, path) -> Path:
     log-SNR when given). Needs matplotlib."""
     if log_snr is not None and np.shape(log_snr) != (c.T,):
         raise ValueError(f"log_snr must have shape ({c.T},), got {np.shape(log_snr)}")
-    check_plot_path(path)
+    path = check_plot_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     t = np.arange(c.T)
@@ -223,7 +227,7 @@ def plot_clusters(c, log_snr, path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
@@ -235,7 +239,7 @@ def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
     T = A.shape[0]
     if clusters is not None and clusters.T != T:
         raise ValueError(f"clusters cover T={clusters.T} timesteps, the matrix {T}")
-    check_plot_path(path)
+    path = check_plot_path(path)
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
@@ -274,4 +278,4 @@ def plot_affinity(matrix, path, *, log_snr=None, clusters=None, title=None):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return path

@@ -408,11 +408,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     for args, message in (([str(run), "--plot", str(tmp_path / "x.png"), "--k", "999"],
                            "--k must be <= T=20"),  # was clipped to T silently
                           ([str(ckpt_file)] * 2, "given more than once"),  # averaged twice
-                          ([str(run), "--out", str(tmp_path)], "is a folder")):
+                          ([str(run), "--out", str(tmp_path)], "is a folder"),
+                          # the matrix was written, then its sidecar failed
+                          ([str(run), "--out", str(tmp_path / "side.npy")], "side.json' is a")):
+        (tmp_path / "side.json").mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as exc:
             main(["affinity", *args, "--M", "4", "--no-progress"])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not late.exists() and not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "side.npy").exists()
     # the default grid fits a run with T < 100
     assert main(["affinity", str(run), "--last", "1", "--d", "64", "--batches", "1",
                  "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "d.npy")]) == 0

@@ -50,11 +50,18 @@ def test_cluster_from_files(tmp_path, capsys):
     assert "T=60" in capsys.readouterr().out
 
 
-def test_cluster_plot(tmp_path):
+def test_cluster_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     path = tmp_path / "clusters.png"
     assert main(["cluster", "--plot", str(path)]) == 0
     assert path.stat().st_size > 1000
+    # without a suffix matplotlib writes FILE.png: that is the path reported (it said FILE)
+    assert main(["cluster", "--plot", str(tmp_path / "bare")]) == 0
+    assert f"plot written to {tmp_path / 'bare.png'}" in capsys.readouterr().out
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["cluster", "--plot", str(tmp_path / "dir.png")])
+    assert exc.value.code == 2 and "is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -53,6 +53,20 @@ def test_sample_defaults_to_at_most_t_steps(trained_run, tmp_path):
     assert (tmp_path / "s.png").is_file()
 
 
+def test_sample_output_names_are_kept_and_checked_first(trained_run, tmp_path, capsys):
+    """--out samples.v2 wrote samples.npz; a file or folder in the way was a traceback after
+    the sampling."""
+    assert main(["sample", str(trained_run), "--num", "1", "--out", str(tmp_path / "s.v2")]) == 0
+    assert (tmp_path / "s.v2.npz").is_file() and (tmp_path / "s.v2.png").is_file()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "taken.npz").mkdir()
+    for out, message in ((tmp_path / "afile" / "x", "is not a folder"),
+                         (tmp_path / "taken", "is a folder"), ("", "must not be empty")):
+        with pytest.raises(SystemExit) as exc:
+            main(["sample", str(trained_run), "--num", "1", "--out", str(out)])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_train_writes_the_run_folder(trained_run, capsys):
     for name in ("config.json", "clusters.json", "metrics.jsonl", "samples.png"):
         assert (trained_run / name).is_file(), name

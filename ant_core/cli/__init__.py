@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `ant cluster | head`: the reader left; no traceback at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: a path's fault
         parser.exit(2, f"ant {args.command}: error: {exc}\n")
     except RuntimeError as exc:
         from ..trainer import TrainingError

@@ -55,7 +55,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..affinity import _checkpoint_files, estimate_affinity
+    from ..affinity import _checkpoint_files, estimate_affinity, output_paths
     from ..checkpoint import load_checkpoint
     from ..train_config import TrainConfig, resolve_device
     from ..training_setup import build_dataset
@@ -66,18 +66,22 @@ def run(args) -> int:
     if args.plot:  # before the (long) estimate, not after it
         if args.k < 1:
             raise ValueError(f"--k must be >= 1, got {args.k}")
-        check_plot_path(args.plot)
+        plot = check_plot_path(args.plot)
     files = [f for c in args.checkpoints for f in _checkpoint_files(c)]
     resolved = [Path(f).resolve() for f in files]
     repeated = sorted({str(f) for f in resolved if resolved.count(f) > 1})
     if repeated:  # it would be averaged in twice
         raise ValueError(f"checkpoints: {repeated} given more than once")
-    if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give a file name (FILE.npy)")
     if args.last is not None:
         if args.last < 1:
             raise ValueError(f"--last must be >= 1, got {args.last}")
         files = files[-args.last:]
+    first = Path(args.checkpoints[0])
+    run_dir = first if first.is_dir() else (
+        first.resolve().parent.parent if first.parent.name == "checkpoints" else first.parent)
+    if args.out is not None and not args.out:
+        raise ValueError("--out must not be empty")
+    out, _ = output_paths(args.out or run_dir / "affinity.npy")  # before the estimate
     config = TrainConfig.from_dict(load_checkpoint(files[-1], mmap=True)["config"])
     if args.plot and args.k > config.T:  # the plot's intervals; refused before the estimate
         raise ValueError(f"--k must be <= T={config.T}, got {args.k}")
@@ -88,10 +92,6 @@ def run(args) -> int:
         interpolation=args.interpolation, seed=args.seed, ema=not args.no_ema, device=device,
         timesteps_per_pass=_int_or_auto("--timesteps-per-pass", args.timesteps_per_pass),
         progress=not args.no_progress)
-    first = Path(args.checkpoints[0])
-    run_dir = first if first.is_dir() else (
-        first.resolve().parent.parent if first.parent.name == "checkpoints" else first.parent)
-    out = Path(args.out) if args.out else run_dir / "affinity.npy"
     npy, side = result.save(out)
     A = result.matrix
     off = A[~np.eye(len(A), dtype=bool)]
@@ -102,7 +102,7 @@ def run(args) -> int:
     if args.plot:
         clusters = interval_clustering(args.k, "affinity", affinity=A)
         log_snr = schedules.get_schedule(config.schedule, config.T).log_snr
-        plot_affinity(A, args.plot, log_snr=log_snr, clusters=clusters,
+        plot_affinity(A, plot, log_snr=log_snr, clusters=clusters,
                       title=f"task affinity, {config.model}, T={config.T}")
-        print(f"plot written to {args.plot} (k={args.k}: {list(clusters.bounds)})")
+        print(f"plot written to {plot} (k={args.k}: {list(clusters.bounds)})")
     return 0

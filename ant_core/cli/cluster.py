@@ -81,9 +81,9 @@ def run(args) -> int:
         print(cluster_table(clusters, log_snr))
     if args.plot:
         from ..visualize import plot_clusters
-        plot_clusters(clusters, log_snr, args.plot)
+        written = plot_clusters(clusters, log_snr, args.plot)
         if not args.json:
-            print(f"plot written to {args.plot}")
+            print(f"plot written to {written}")
     return 0
 
 

@@ -73,6 +73,11 @@ def run(args) -> int:
         raise ValueError(f"--label must be a class in [0, {mc.get('num_classes') or 0}) of this "
                          f"{'class-conditional' if mc.get('num_classes') else 'unconditional'} "
                          f"model, got {args.label}")
+    run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
+    guided = '' if scale == 1 else f"_cfg{scale:.15g}".replace(".", "p")  # 2.5 -> _cfg2p5
+    labelled = '' if args.label is None else f"_class{args.label}"
+    name = f"samples_{args.sampler}{guided}{labelled}_seed{args.seed}"
+    npz, png = _outputs(args.out, run_dir / name)  # checked before the sampling
     shape = (args.num, mc["in_channels"], mc["image_size"], mc["image_size"])
     y = None
     if mc.get("num_classes"):
@@ -87,20 +92,33 @@ def run(args) -> int:
         images = diffusion.sample_ddim(model, shape, steps=steps, eta=args.eta or 0.0,
                                        seed=args.seed, y=y, guidance_scale=scale, device=device)
     images = images.clamp(-1, 1).cpu()
-    run_dir = path.resolve().parent.parent if path.parent.name == "checkpoints" else path.parent
-    guided = '' if scale == 1 else f"_cfg{scale:.15g}".replace(".", "p")  # 2.5 -> _cfg2p5
-    labelled = '' if args.label is None else f"_class{args.label}"
-    name = f"samples_{args.sampler}{guided}{labelled}_seed{args.seed}"
-    prefix = Path(args.out) if args.out else run_dir / name
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    npz = prefix.with_suffix(".npz")
     extra = {} if y is None else {"labels": y.cpu().numpy()}
     np.savez(npz, images=images.numpy(), **extra)
     written = str(npz)
     if images.shape[1] in (1, 3):  # a picture; other channel counts (latents) only as .npz
-        written = f"{save_image_grid(images, prefix.with_suffix('.png'))}, {npz}"
+        written = f"{save_image_grid(images, png)}, {npz}"
     print(f"ant sample: {args.num} images ({args.sampler}"
           f"{'' if args.sampler == 'ddpm' else f', {steps} steps'}"
           f"{'' if scale == 1 else f', guidance scale {scale:.15g}'}, "
           f"{'raw' if args.no_ema else 'EMA'} weights, step {state['step']}) -> {written}")
     return 0
+
+
+def _outputs(out, default):
+    """The .npz and .png paths of ``--out`` (a prefix; a trailing .npz or .png is dropped, any
+    other dot stays: samples.v2 -> samples.v2.npz), checked: not folders, folder made."""
+    from pathlib import Path
+
+    if out is not None and not out:
+        raise ValueError("--out must not be empty")
+    prefix = Path(out) if out else default
+    if prefix.suffix.lower() in (".npz", ".png"):
+        prefix = prefix.with_suffix("")
+    npz, png = (prefix.with_name(prefix.name + ext) for ext in (".npz", ".png"))
+    for target in (npz, png):
+        if target.is_dir():
+            raise ValueError(f"--out: {target} is a folder")
+    if prefix.parent.exists() and not prefix.parent.is_dir():
+        raise ValueError(f"--out: {prefix.parent} is not a folder")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    return npz, png
