@@ -219,7 +219,10 @@ def _batches(data, batches, batch_size, seed, device):
             data, (list, tuple, torch.Tensor)):
         if len(data) == 0:
             raise ValueError("data: the dataset is empty")
-        data = make_loader(data, check_int("batch_size", batch_size, 1), seed=seed)
+        if check_int("batch_size", batch_size, 1) > len(data):
+            raise ValueError(f"batch_size={batch_size} exceeds the dataset's {len(data)} images "
+                             "(a batch would repeat them)")
+        data = make_loader(data, batch_size, seed=seed)
     out = []
     for item in data:
         if len(out) == batches:

@@ -575,3 +575,11 @@ def test_count_sketch_sums_in_at_least_float32(cache):
         rounded = torch.zeros(4, dtype=torch.float64).index_add_(0, bucket, g.to(dtype).double()
                                                                   * sign)
         torch.testing.assert_close(got, rounded.to(dtype).double(), rtol=1e-2, atol=0.5)
+
+
+def test_a_batch_larger_than_the_dataset_is_refused():
+    """--batch-size 1000 on 64 images printed "1 x 1000 images" for 64 images repeated."""
+    with pytest.raises(ValueError, match="batch_size=8 exceeds the dataset's 4 images"):
+        estimate_affinity(small_model(0), ProceduralShapes(4, 8),
+                          diffusion=GaussianDiffusion("linear", 10), M=2, d=16, batches=1,
+                          batch_size=8)

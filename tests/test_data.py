@@ -165,6 +165,11 @@ def test_load_image_folder_crop_and_resize(tmp_path):
     torch.testing.assert_close(data.images[0, 0], -torch.ones(4, 4))
 
 
+def test_get_dataset_asks_for_the_image_size_of_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="image folder: give image_size"):  # was a raw TypeError
+        get_dataset(tmp_path)
+
+
 def test_load_image_folder_classes_are_top_level_folders(tmp_path):
     """dog/deep/c.png was a class of its own, and root images a class named '.'."""
     pytest.importorskip("PIL")
@@ -310,6 +315,8 @@ def test_loader_generic_dataset_and_errors():
 
     with pytest.raises(TypeError, match="labels must be integers"):  # 2.7 was read as 2
         next(make_loader(FloatLabels(), batch_size=4, shuffle=False))
+    only = torch.utils.data.TensorDataset(torch.zeros(4, 1, 2, 2))  # was an IndexError
+    assert next(make_loader(only, batch_size=4))[1].tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="rank"):
         make_loader(_small_dataset(), batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
@@ -352,7 +359,7 @@ def test_image_dataset_refuses_what_it_would_change_silently():
 
 def test_load_array_checks_its_options(tmp_path):
     np.save(tmp_path / "ok.npy", np.zeros((3, 4, 4), np.float32))
-    for value_range in ((-np.inf, np.inf), (0, np.inf), "0-1", (0, 1, 2), None):
+    for value_range in ((-np.inf, np.inf), (0, np.inf), "0-1", "01", (0, 1, 2), None):
         with pytest.raises(ValueError, match="value_range"):
             load_array(tmp_path / "ok.npy", value_range=value_range)
     with pytest.raises(ValueError, match="layout must be"):

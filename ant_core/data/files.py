@@ -158,6 +158,8 @@ def load_array(path, value_range="auto", layout: str = "auto",
                 raise ValueError(f"values in [{low}, {high}] fit none of [0, 1], [-1, 1], "
                                  "[0, 255]; pass value_range=(low, high)")
     try:
+        if isinstance(value_range, (str, bytes)):  # "01" is not (0, 1)
+            raise TypeError
         lo, hi = map(float, value_range)
     except (TypeError, ValueError):
         raise ValueError(f"value_range must be 'auto' or (low, high), got {value_range!r}") \
@@ -218,6 +220,9 @@ def get_dataset(name_or_path, **kwargs) -> ImageDataset:
         return load_digits(**kwargs)
     path = Path(name)
     if path.is_dir():
+        if kwargs.get("image_size") is None:
+            raise ValueError(f"name_or_path={name!r} is an image folder: give image_size (its "
+                             "images are cropped and resized to it)")
         return load_image_folder(path, **kwargs)
     if path.suffix.lower() in (".npy", ".npz"):
         return load_array(_require_path(path, "name_or_path"), **kwargs)

@@ -47,6 +47,8 @@ class InfiniteLoader:
         if hasattr(self.dataset, "images") and hasattr(self.dataset, "labels"):
             return self.dataset.images[index], self.dataset.labels[index]
         items = [self.dataset[int(i)] for i in indices]
+        if isinstance(items[0], (tuple, list)) and len(items[0]) == 1:  # images only
+            items = [it[0] for it in items]
         if isinstance(items[0], (tuple, list)):
             images = torch.stack([torch.as_tensor(it[0]) for it in items])
             labels = torch.as_tensor([it[1] for it in items])
