@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .checks import check_int
-from .atomic import atomic_write
+from .atomic import atomic_write, prepare_outputs
 from .checkpoint import list_checkpoints, load_checkpoint, load_model
 from .sketch import CountSketch
 from .train_config import require_available
@@ -145,18 +145,11 @@ def _npy_path(path) -> Path:
     return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 
-def output_paths(path) -> tuple:
+def output_paths(path, name: str = "path") -> tuple:
     """The (.npy, .json) files :meth:`AffinityResult.save` writes for ``path``, checked before
     anything is written (or estimated): neither is a folder, and their folder can be made."""
     npy = _npy_path(path)
-    side = npy.with_suffix(".json")
-    for target in (Path(path), npy, side):
-        if target.is_dir():
-            raise ValueError(f"path {str(target)!r} is a folder; give a file name (FILE.npy)")
-    if npy.parent.exists() and not npy.parent.is_dir():
-        raise ValueError(f"path {str(npy)!r}: {npy.parent} is not a folder")
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    return npy, side
+    return prepare_outputs(name, path, npy, npy.with_suffix(".json"))[1:]
 
 
 @dataclass

@@ -5,7 +5,20 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "prepare_outputs"]
+
+
+def prepare_outputs(name: str, *paths) -> tuple:
+    """``paths`` as Paths, checked before any long work that ends in writing them: none is a
+    folder, their folder is one (and is made); ValueError naming ``name`` otherwise."""
+    paths = tuple(Path(p) for p in paths)
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"{name}: {path} is a folder; give a file name")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ValueError(f"{name}: {path.parent} is not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return paths
 
 
 def atomic_write(path, write) -> Path:

@@ -410,7 +410,7 @@ def test_cli_end_to_end(tmp_path, capsys):
                           ([str(ckpt_file)] * 2, "given more than once"),  # averaged twice
                           ([str(run), "--out", str(tmp_path)], "is a folder"),
                           # the matrix was written, then its sidecar failed
-                          ([str(run), "--out", str(tmp_path / "side.npy")], "side.json' is a")):
+                          ([str(run), "--out", str(tmp_path / "side.npy")], "side.json is a folder")):
         (tmp_path / "side.json").mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as exc:
             main(["affinity", *args, "--M", "4", "--no-progress"])

@@ -81,7 +81,7 @@ def run(args) -> int:
         first.resolve().parent.parent if first.parent.name == "checkpoints" else first.parent)
     if args.out is not None and not args.out:
         raise ValueError("--out must not be empty")
-    out, _ = output_paths(args.out or run_dir / "affinity.npy")  # before the estimate
+    out, _ = output_paths(args.out or run_dir / "affinity.npy", "--out")  # before the estimate
     config = TrainConfig.from_dict(load_checkpoint(files[-1], mmap=True)["config"])
     if args.plot and args.k > config.T:  # the plot's intervals; refused before the estimate
         raise ValueError(f"--k must be <= T={config.T}, got {args.k}")

@@ -109,16 +109,12 @@ def _outputs(out, default):
     other dot stays: samples.v2 -> samples.v2.npz), checked: not folders, folder made."""
     from pathlib import Path
 
+    from ..atomic import prepare_outputs
+
     if out is not None and not out:
         raise ValueError("--out must not be empty")
     prefix = Path(out) if out else default
     if prefix.suffix.lower() in (".npz", ".png"):
         prefix = prefix.with_suffix("")
-    npz, png = (prefix.with_name(prefix.name + ext) for ext in (".npz", ".png"))
-    for target in (npz, png):
-        if target.is_dir():
-            raise ValueError(f"--out: {target} is a folder")
-    if prefix.parent.exists() and not prefix.parent.is_dir():
-        raise ValueError(f"--out: {prefix.parent} is not a folder")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    return npz, png
+    return prepare_outputs("--out", *(prefix.with_name(prefix.name + ext)
+                                      for ext in (".npz", ".png")))
