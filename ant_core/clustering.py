@@ -395,7 +395,9 @@ def interval_clustering_batched(
         raise ValueError(f"{name} must have shape (B, T, T) with T >= 1, got {tuple(data.shape)}")
     if data.dtype not in (torch.float32, torch.float64):
         data = data.double()
-    if data.numel() and not all(math.isfinite(v) for v in torch.aminmax(data)):  # NaN too
+    # one pass for the range: finiteness (NaN too) now, overflow below
+    extremes = [float(v) for v in torch.aminmax(data)] if data.numel() else [0.0]
+    if not all(math.isfinite(v) for v in extremes):
         raise ValueError(f"{name} must be finite")
     if affinity is None:
         if objective not in (None, "cost_matrix"):
@@ -407,6 +409,7 @@ def interval_clustering_batched(
             raise ValueError("objective must be 'affinity' or 'affinity_average' with affinity= "
                              f"(use interval_clustering for {objective!r}), got {objective!r}")
         costs = _affinity_costs_torch(data, objective)
+        extremes = [float(v) for v in torch.aminmax(costs)] if costs.numel() else [0.0]
     if k > data.shape[1]:
         raise ValueError(f"k must be <= T (each interval needs a timestep), got k={k} > T={data.shape[1]}")
     if min_size > data.shape[1]:
@@ -414,7 +417,7 @@ def interval_clustering_batched(
     # no sum of k costs overflows (the CUDA kernel cannot report one on the way to the optimum);
     # the lower triangle is never read, so a bound over everything is checked on the upper one
     # only when it fails
-    if data.numel() and not math.isfinite(k * max(abs(float(v)) for v in torch.aminmax(costs))) \
+    if not math.isfinite(k * max(abs(v) for v in extremes)) \
             and not math.isfinite(k * float(torch.triu(costs).abs().max())):
         raise ValueError(f"{name}: the interval costs overflow double precision (k times the "
                          "largest |cost| is not finite); rescale them")

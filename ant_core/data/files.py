@@ -48,8 +48,8 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
                    and f.is_file())
     if not files:
         raise ValueError(f"path={str(path)!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-    groups = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None
-              for f in files]
+    parts = [f.relative_to(root).parts for f in files]
+    groups = [p[0] if len(p) > 1 else None for p in parts]  # None: directly in the root
     if len(set(groups)) > 1 and None in groups:
         loose = files[groups.index(None)]
         raise ValueError(f"path={str(path)!r} has class sub-folders and images outside them "
