@@ -108,7 +108,7 @@ class DynamicWeightAverage(_LossWeighting):
             weights = torch.softmax(ratio / self.temperature, dim=0)
         else:
             weights = torch.full_like(global_losses, 1.0 / self.num_tasks)
-        current = torch.where(present.cpu(), global_losses.cpu().to(last), last)
+        current = torch.where(present.to(last.device), global_losses.to(last), last)
         self.loss_history.copy_(torch.stack([last, current]))
         self.calls += 1
         return weights.to(global_losses.device)
