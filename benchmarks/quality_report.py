@@ -3,6 +3,7 @@ differences (no scipy), verdicts, the markdown table and the FD-vs-step plot."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 import math
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def t_quantile(p: float, df: float) -> float:
 def paired_difference(values: dict, baseline: dict, confidence: float = CONFIDENCE) -> dict:
     """Mean paired difference (values - baseline, matched by seed) with a two-sided Student-t
     confidence interval. ``values`` / ``baseline``: {seed: number}."""
+    for name, arg in (("values", values), ("baseline", baseline)):
+        if not isinstance(arg, Mapping):  # a list's entries would be matched as seeds
+            raise TypeError(f"{name}: expected a {{seed: number}} mapping, got "
+                            f"{type(arg).__name__}")
     seeds = sorted(set(values) & set(baseline))
     diffs = np.array([values[s] - baseline[s] for s in seeds], dtype=np.float64)
     out = {"seeds": seeds, "n_pairs": len(seeds), "differences": diffs.tolist(),

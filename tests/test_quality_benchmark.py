@@ -80,6 +80,9 @@ def test_paired_difference_hand_computed():
     # a diverged run (NaN metric) gives no interval, not "no significant difference"
     diverged = report.paired_difference({0: 1.0, 1: math.nan, 2: 0.5}, vanilla)
     assert diverged["ci_low"] is None and report.verdict(diverged).startswith("not available")
+    # lists are refused: their entries would have been matched as seeds (0 pairs, silently)
+    with pytest.raises(TypeError, match="values"):
+        report.paired_difference([1.0, 2.0, 3.0], vanilla)
 
 
 # ----------------------------------------------------------------------------- end to end
