@@ -66,8 +66,9 @@ affinity 10 s ~ 880 s; 3 seeds ~ 44 minutes sequentially (``--jobs 1``, the defa
 GPU preset, measured on one H100 with 16 host cores (torch 2.11, CUDA 13): one run (1000 steps
 of a 4.2 M-parameter DiT at batch 128 + 3 evaluations of 1000 samples) takes ~50 s (vanilla) to
 ~90 s (FAMO) when 4 share the GPU, ~70-130 s when 8 do; 15 runs (5 configurations x 3 seeds)
-took 271 s with the defaults (``--jobs 8 --threads 2``), so the 24-run grid should take about
-8 minutes. The script prints an ETA after every run.
+took 271 s with the defaults (``--jobs 8 --threads 2``) and the other 9 (Nash-MTL, PCGrad,
+FAMO) 161 s with ``--jobs 9``: the 24-run grid took about 7 minutes in those two calls. The
+script prints an ETA after every run.
 """
 from __future__ import annotations
 

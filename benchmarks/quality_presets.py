@@ -77,7 +77,7 @@ PRESETS = {
         affinity_batch_size=64, default_threads=1),
     "gpu": Preset(
         name="gpu", description="about 8 minutes on one H100 with 16 host cores, 8 runs at a "
-        "time (measured: 15 of its 24 runs in 271 s; the docstring of quality.py)",
+        "time (measured: its 24 runs in 271 s + 161 s; the docstring of quality.py)",
         num_images=5000, image_size=16, model="dit",
         model_config={"patch_size": 2, "hidden_size": 192, "depth": 6, "num_heads": 6},
         T=1000, eval_steps=(250, 500, 1000), batch_size=128, lr=1e-3, warmup_steps=50,

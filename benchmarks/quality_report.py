@@ -241,6 +241,11 @@ def plot_curves(summary: dict, path: Path):
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("FD (random-conv features)")
+    means = np.array([y for line in ax.get_lines() for y in line.get_ydata()], dtype=float)
+    means = means[np.isfinite(means) & (means > 0)]
+    if means.size and means.max() > 10 * means.min():  # keep the final spread readable
+        ax.set_yscale("log")
+        ax.set_ylabel("FD (random-conv features, log scale)")
     ax.set_title(f"FD vs step, mean ± std over seeds (preset {summary['preset']['name']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
