@@ -8,6 +8,7 @@ checkpoint and never destroys the previous one.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -118,7 +119,7 @@ def load_resume_checkpoint(resume, directory, config):
     (another continuation), when a config field outside ``RESUME_MUTABLE`` differs, or when it
     leaves no steps to train.
     The state's ``"_path"`` is the file read."""
-    from .train_config import RESUME_MUTABLE, TrainConfig, jsonable
+    from .train_config import PATH_FIELDS, RESUME_MUTABLE, TrainConfig, jsonable
 
     if resume is None or resume is False:
         return None
@@ -142,7 +143,8 @@ def load_resume_checkpoint(resume, directory, config):
     # a field added after the checkpoint was written has the default that reproduces it
     saved = {**TrainConfig().to_dict(), **state["config"]}
     changed = sorted(k for k, v in config.to_dict().items()
-                     if k not in RESUME_MUTABLE and jsonable(saved.get(k)) != jsonable(v))
+                     if k not in RESUME_MUTABLE and jsonable(saved.get(k)) != jsonable(v)
+                     and not (k in PATH_FIELDS and _same_file(saved.get(k), v)))
     if changed:
         raise ValueError(f"resume: config field(s) {changed} differ from the checkpoint "
                          f"{path} (only {list(RESUME_MUTABLE)} may change)")
@@ -151,6 +153,14 @@ def load_resume_checkpoint(resume, directory, config):
                          f"steps={config.steps} leaves nothing to do")
     state["_path"] = str(path)
     return state
+
+
+def _same_file(a, b) -> bool:
+    """Whether two path strings name one existing file or folder."""
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- RNG state

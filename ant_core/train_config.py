@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,10 @@ from .schedules import SCHEDULES
 
 OBJECTIVES = ("timestep", "snr", "log_snr", "affinity", "affinity_medoid", "affinity_average")
 GRADIENT_METHODS = ("pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl")
+#: fields naming files: an existing path is made absolute by ``validate``; on resume a saved
+#: relative path (configs written before that) matches the same file given another way
+PATH_FIELDS = ("data", "affinity")
+BUILTIN_DATA = ("shapes", "digits")
 #: config fields that may differ when resuming a run
 RESUME_MUTABLE = ("steps", "out", "log_every", "save_every", "keep_last", "sample_every",
                   "num_samples", "sample_steps", "progress", "device")
@@ -37,6 +42,7 @@ class TrainConfig:
 
     # data
     data: str = "shapes"               # "shapes", "digits", an image folder or a .npy/.npz file
+                                       # (existing paths are stored absolute, see validate)
     num_images: int = 2000             # built-in shapes: number of training images
     image_size: int = 16               # built-in data / image folders: side in pixels
     data_seed: int = 0
@@ -192,6 +198,11 @@ class TrainConfig:
             raise ValueError("compile=True works with engine='autograd' only (the one-backward "
                              "engine hooks the eager modules)")
         check_device(self.device)
+        for name in PATH_FIELDS:  # absolute, so that the run's config.json works from anywhere
+            value = getattr(self, name)
+            if value is not None and Path(value).exists() and \
+                    not (name == "data" and value.lower() in BUILTIN_DATA):
+                object.__setattr__(self, name, os.path.abspath(value))
         return self
 
     @property

@@ -397,6 +397,44 @@ def test_resume_a_checkpoint_written_before_a_config_field_existed(tmp_path):
         assert torch.equal(value, b["model"][name]), name
 
 
+def test_data_and_affinity_paths_are_stored_absolute_and_resume_from_anywhere(
+        tmp_path, monkeypatch):
+    """A relative --data / --affinity path is made absolute, so the run's config.json (read by
+    `ant affinity`, by a resume) names the same files from any folder; a checkpoint written
+    with the relative string (before this) still resumes with the file named either way."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "shapes").mkdir()  # a folder named like a built-in never shadows it
+    images = np.random.default_rng(0).uniform(-1, 1, (24, 1, 8, 8)).astype(np.float32)
+    np.save(work / "sub" / "x.npy", images)
+    a = np.random.default_rng(1).uniform(0, 1, (50, 50))
+    np.save(work / "sub" / "A.npy", (a + a.T) / 2)
+    monkeypatch.chdir(work)
+    cfg = tiny(tmp_path, steps=2, data="sub/x.npy", objective="affinity", affinity="sub/A.npy")
+    assert cfg.validate().data == str(work / "sub" / "x.npy")
+    assert cfg.affinity == str(work / "sub" / "A.npy")
+    assert tiny(tmp_path).validate().data == "shapes"
+    assert tiny(tmp_path, data="missing.npy").validate().data == "missing.npy"  # error later
+    train(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"] == str(work / "sub" / "x.npy")
+    monkeypatch.chdir(work / "sub")  # the same files, named from another folder
+    again = train(tiny(tmp_path, steps=3, data="x.npy", objective="affinity",
+                       affinity="A.npy"), resume=True)
+    assert again["step"] == 3
+    state = ckpt.load_checkpoint(again["checkpoint"])  # as written before: relative strings
+    state["config"].update(data="sub/x.npy", affinity="sub/A.npy")
+    ckpt.atomic_save(state, again["checkpoint"])
+    monkeypatch.chdir(work)  # they resolve from the folder the run was started in
+    last = train(tiny(tmp_path, steps=4, data="./sub/x.npy", objective="affinity",
+                      affinity=str(work / "sub" / "A.npy")), resume=True)
+    assert last["step"] == 4
+    np.save(work / "sub" / "y.npy", images)  # another file is another config
+    with pytest.raises(ValueError, match=r"\['data'\]"):
+        Trainer(tiny(tmp_path, steps=5, data="sub/y.npy", objective="affinity",
+                     affinity="sub/A.npy"), resume=True)
+
+
 def test_resume_from_an_earlier_checkpoint_never_prunes_the_new_branch(tmp_path):
     """Later checkpoints of the run ranked above the new branch by step: pruning deleted the
     checkpoint just written and kept the stale one. Refused now; nothing is deleted."""
