@@ -169,8 +169,11 @@ class Trainer:
                 self.noise_generator.get_state().device))
             ckpt.restore_rng_state(mine["rng"])
         elif self.is_main:
+            batch = self.config.batch_size
             print(f"ant train: resuming {len(ranks)}-process state on {self.world_size} "
-                  "processes: data order and noise streams restart (model and optimizer exact)")
+                  "processes: data order and noise streams restart (model and optimizer exact), "
+                  f"and with batch_size={batch} per process the global batch changes from "
+                  f"{len(ranks) * batch} to {self.world_size * batch}")
         self.last_checkpoint = Path(state["_path"])
 
     # ------------------------------------------------------------------ checkpoints

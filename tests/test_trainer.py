@@ -628,7 +628,7 @@ def _ddp_worker(rank, world, ports, root):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_end_identical(tmp_path):
+def test_ddp_two_gloo_processes_end_identical(tmp_path, capsys):
     ports = (free_port(), free_port(), free_port())
     torch.multiprocessing.spawn(_ddp_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
     whole = ckpt.load_checkpoint(tmp_path / "whole" / "checkpoints" / "ckpt_00000004.pt")
@@ -655,6 +655,10 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path):
         fresh = Trainer(_ddp_config(str(tmp_path), "fresh"))
         assert not all(torch.equal(fresh.model.state_dict()[n], r0[n]) for n in r0)
         fresh.close()
+    # a 2-process run resumed on 1 process says what changes, the global batch included
+    capsys.readouterr()
+    Trainer(_ddp_config(str(tmp_path), "uw", method="uw", steps=4), resume=True).close()
+    assert "global batch changes from 10 to 5" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- pictures
