@@ -123,6 +123,10 @@ def test_load_array_errors(tmp_path):
              labels=np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="labels"):
         load_array(tmp_path / "nolabel.npz")
+    np.savez(tmp_path / "huge.npz", images=np.zeros((2, 4, 4, 3), np.uint8),
+             labels=np.array([1, 2**63], dtype=np.uint64))  # would wrap to a negative int64
+    with pytest.raises(ValueError, match=r"labels must be below 2\*\*63 - 1, got 9223372036854775808"):
+        load_array(tmp_path / "huge.npz")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "text.npy").write_text("1 2 3")
     for name in ("objects.npy", "text.npy"):

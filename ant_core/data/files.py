@@ -181,6 +181,8 @@ def load_array(path, value_range="auto", layout: str = "auto",
             or (labels < 0).any():
         raise ValueError(f"labels must be {array.shape[0]} non-negative integers, got shape "
                          f"{labels.shape} dtype {labels.dtype}")
+    if labels.size and int(labels.max()) > np.iinfo(np.int64).max - 1:  # uint64: would wrap
+        raise ValueError(f"labels must be below 2**63 - 1, got {int(labels.max())}")
     return ImageDataset(images, torch.from_numpy(labels.astype(np.int64)),
                         int(labels.max()) + 1)
 
