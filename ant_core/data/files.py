@@ -34,7 +34,9 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
     With sub-folders, each image's class is the top-level sub-folder it lies under (sorted,
     like torchvision's ImageFolder; deeper folders belong to it); with no sub-folders the data
     is unlabelled. 8-bit images only (16-bit and float images would be clipped at 255: convert
-    them, or save an array for :func:`load_array`). Needs Pillow (``pip install pillow``).
+    them, or save an array for :func:`load_array`). An alpha channel is dropped, as
+    torchvision's ImageFolder does: transparent pixels keep their stored colour, so composite
+    such images onto the background you want first. Needs Pillow (``pip install pillow``).
     """
     try:
         from PIL import Image
