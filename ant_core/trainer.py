@@ -135,7 +135,8 @@ class Trainer:
         self.step = 0
         self.last_samples = None
         self.last_checkpoint = None
-        self._stop_signal = None
+        self._stop_signal = None  # set by our signal handler (or another rank's, via the stats)
+        self._stop_agreed = False  # under DDP: every rank saw a stop flag in the same all-reduce
         # the resumed run's last metrics record is off the log schedule when it was written only
         # because that run ended there (judged by that run's own steps and log_every)
         self._drop_resumed_record = resume_state is not None and (
@@ -182,8 +183,9 @@ class Trainer:
                 "noise_generator": self.noise_generator.get_state().cpu(),
                 "rng": ckpt.capture_rng_state()}
 
-    def save_checkpoint(self) -> Path | None:
-        """Write ``<out>/checkpoints/ckpt_<step>.pt`` (rank 0; every rank's streams gathered).
+    def save_checkpoint(self) -> Path:
+        """Write ``<out>/checkpoints/ckpt_<step>.pt`` (rank 0; every rank's streams gathered)
+        and return its path (on every rank).
 
         Parameters that are not finite (an overflowing gradient with a finite loss) are a
         TrainingError instead: such a file would replace the last good checkpoint."""
@@ -198,7 +200,6 @@ class Trainer:
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
-        path = None
         if self.is_main:
             state = {
                 "format": "ant-core-checkpoint", "version": ckpt.FORMAT_VERSION,
@@ -212,11 +213,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "world_size": self.world_size, "rank_states": ranks,
             }
-            path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.checkpoint_dir, self.step))
+            ckpt.atomic_save(state, ckpt.checkpoint_path(self.checkpoint_dir, self.step))
             ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
-            self.last_checkpoint = path
         if self.world_size > 1:
             dist.barrier()
+        path = ckpt.checkpoint_path(self.checkpoint_dir, self.step)  # every rank's answer
+        self.last_checkpoint = path
         return path
 
     # ------------------------------------------------------------------ one step
@@ -332,8 +334,10 @@ class Trainer:
             packed = torch.cat([packed, edm2_weights])
         packed = packed.cpu()  # the step's one read-back to the host
         sums, n = packed[:self.K], packed[self.K:2 * self.K]
-        if self.world_size > 1 and packed[2 * self.K] > 0 and self._stop_signal is None:
-            self._stop_signal = "SIGTERM (from another rank)"
+        if self.world_size > 1 and packed[2 * self.K] > 0:
+            self._stop_agreed = True
+            if self._stop_signal is None:
+                self._stop_signal = "SIGTERM (from another rank)"
         # a cluster without samples in the union batch has no loss: None (JSON null), not 0
         cluster = [s / c if c > 0 else None for s, c in zip(sums.tolist(), n.tolist())]
         stats = {"loss": float(sums.sum() / n.sum()), "cluster_losses": cluster}
@@ -420,7 +424,9 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(_postfix(last), refresh=False)
-                if self._stop_signal is not None:
+                # under DDP only the all-reduced flag: a signal that lands after this step's
+                # all-reduce is acted on one step later, by every rank at once
+                if self._stop_signal is not None and (self.world_size == 1 or self._stop_agreed):
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()

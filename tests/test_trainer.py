@@ -1,6 +1,8 @@
 """The training loop (ant_core.trainer): optimisation, exact resume, DDP, failure handling."""
+import datetime
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -620,11 +622,28 @@ def _ddp_worker(rank, world, ports, root):
         trainer.close()
     # 2. an initialised group is used as is; stop + resume == uninterrupted, under DDP
     os.environ["MASTER_PORT"] = str(ports[2])
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))
     cfg = dict(method="famo", class_conditional=True, label_dropout=0.3)  # per-rank dropout too
     train(_ddp_config(root, "whole", steps=4, **cfg))
     train(_ddp_config(root, "split", steps=2, **cfg))
     train(_ddp_config(root, "split", steps=4, **cfg), resume=True)
+    # 3. a SIGTERM reaching one rank after its step's all-reduce stops every rank after the
+    # same step (it had left the others waiting in the next all-reduce: a hang)
+    trainer = Trainer(_ddp_config(root, "signal", steps=6))
+    backward = trainer.method.backward
+
+    def signalled(*args, **kwargs):
+        if rank == 0 and trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return backward(*args, **kwargs)
+
+    trainer.method.backward = signalled
+    result = trainer.train()
+    trainer.close()
+    with open(os.path.join(root, f"signal_rank{rank}.json"), "w") as handle:
+        json.dump({"step": result["step"], "stopped_by": result["stopped_by"],
+                   "checkpoint": result["checkpoint"]}, handle)
     torch.distributed.destroy_process_group()
 
 
@@ -655,6 +674,13 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path, capsys):
         fresh = Trainer(_ddp_config(str(tmp_path), "fresh"))
         assert not all(torch.equal(fresh.model.state_dict()[n], r0[n]) for n in r0)
         fresh.close()
+    signalled = [json.loads((tmp_path / f"signal_rank{r}.json").read_text()) for r in (0, 1)]
+    saved = str(tmp_path / "signal" / "checkpoints" / "ckpt_00000004.pt")  # on every rank
+    assert signalled == [{"step": 4, "stopped_by": "SIGTERM", "checkpoint": saved},
+                         {"step": 4, "stopped_by": "SIGTERM (from another rank)",
+                          "checkpoint": saved}]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "signal" / "checkpoints")] == \
+        ["ckpt_00000004.pt"]
     # a 2-process run resumed on 1 process says what changes, the global batch included
     capsys.readouterr()
     Trainer(_ddp_config(str(tmp_path), "uw", method="uw", steps=4), resume=True).close()
