@@ -134,7 +134,8 @@ class OneBackwardEngine:
     parameter), raising ValueError with the offending parameters' names otherwise. A parameter
     counts as checked once its reference gradient was finite and non-zero (a zero-initialised
     output layer leaves most gradients 0 at step 0); checking stops when all are checked, or
-    after ``VERIFY_CALLS`` calls. Under DDP the verdict is all-reduced, so ranks agree.
+    after ``VERIFY_CALLS`` calls. Under DDP the verdict is all-reduced over ``process_group``
+    (set by the method the engine is given to: that method's group), so ranks agree.
     """
 
     VERIFY_CALLS = 10
@@ -148,6 +149,7 @@ class OneBackwardEngine:
         if not verify_rtol > 0:
             raise ValueError(f"verify_rtol must be > 0, got {verify_rtol}")
         self.model = model
+        self.process_group = None  # the DDP group of the verification verdict (see above)
         self.low_memory = low_memory
         self.verify, self.verify_rtol = verify, float(verify_rtol)
         self._verify_calls, self._unverified = 0, None
@@ -305,7 +307,7 @@ class OneBackwardEngine:
         floor = 1e-6 * torch.linalg.vector_norm(torch.where(checked, ref, 0.0))
         wrong = checked & (err > self.verify_rtol * (ref + own) + floor)
         flags = torch.stack([wrong, checked]).double()
-        all_reduce_sum([flags])  # the same verdict and the same next step on every rank
+        all_reduce_sum([flags], self.process_group)  # the same verdict and next step per rank
         wrong, checked = (flags > 0).cpu().tolist()
         self._unverified -= {id(p) for p, c in zip(params, checked) if c}
         self._verify_calls += 1

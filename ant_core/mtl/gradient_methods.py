@@ -23,7 +23,7 @@ import torch
 from ..checks import check_float, check_int
 from . import distributed, gradient_solvers
 from .base import MTLMethod, _add_grad, register, warn_non_finite
-from .engines import resolve_engine
+from .engines import OneBackwardEngine, resolve_engine
 
 __all__ = ["PCGrad", "NashMTL", "MGDA", "CAGrad", "IMTLG", "AlignedMTL"]
 
@@ -34,6 +34,8 @@ class _GradientMethod(MTLMethod):
     def __init__(self, num_tasks, *, engine="autograd", process_group=None):
         super().__init__(num_tasks, process_group=process_group)
         self.engine = resolve_engine(engine)
+        if isinstance(self.engine, OneBackwardEngine):  # its verdict's all-reduce: our group
+            self.engine.process_group = process_group
 
     def _solve(self, gramian: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
