@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ant_core import mtl
+from ant_core import grouped_mse, mtl
 from ant_core.mtl import gradient_solvers as solvers
 
 K = 3
@@ -648,6 +648,26 @@ def test_non_finite_gradients_with_scaler_give_nan_weights():
     scaler = torch.amp.GradScaler("cpu")
     w = mtl.create("pcgrad", num_tasks=2).backward(losses, [x], grad_scaler=scaler)
     assert torch.isnan(w).all() and not torch.isfinite(x.grad)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "nashmtl", "mgda", "cagrad", "imtlg", "alignedmtl"])
+def test_a_gramian_overflowing_at_a_large_scale_makes_the_scaler_back_off(name):
+    """At scale 2^64 the float32 Gramian of the scaled gradients overflows while the gradients
+    stay finite: the step was taken with equal weights and the scale never came down."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    x, target = torch.randn(8, 256), torch.randn(8, 256)
+    group = torch.arange(4).repeat_interleave(2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**64)
+    losses = grouped_mse(model(x), target, group, 4)
+    weights = mtl.create(name, num_tasks=4).backward(losses, model.parameters(), group=group,
+                                                     grad_scaler=scaler)
+    assert torch.isnan(weights).all()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler.update()
+    assert scaler.get_scale() < 2.0**64  # skipped, backed off
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_bad_arguments():

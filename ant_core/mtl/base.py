@@ -31,8 +31,9 @@ Keyword arguments of ``backward`` (all optional):
 * ``grad_scaler`` — a ``torch.amp.GradScaler``: pass *unscaled* losses; the backward runs on
   scaled values (no fp16 underflow) and ``.grad`` holds scaled gradients, so
   ``scaler.unscale_``/``scaler.step`` work as usual. Gradient methods solve on the unscaled
-  Gramian; on a non-finite Gramian (fp16 overflow) they write the non-finite equal-weight
-  gradient so that the scaler skips the step, and return NaN weights.
+  Gramian; on a non-finite Gramian (fp16 overflow, or the Gramian of finite gradients
+  scaled too far) they write a NaN gradient so that the scaler skips the step and lowers its
+  scale, and return NaN weights.
 """
 from __future__ import annotations
 

@@ -72,12 +72,15 @@ class _GradientMethod(MTLMethod):
 
     def _coefficients(self, gramian, grad_scaler):
         """``(coeffs, finite)``: the method's coefficients for a finite Gramian (float64
-        numpy); equal weights for a non-finite one, with a warning unless a GradScaler is
-        about to skip the step."""
+        numpy). For a non-finite one: with a GradScaler, NaN, so that the written gradient is
+        not finite and the scaler skips the step and lowers its scale (the Gramian of scaled
+        gradients can overflow while the gradients are finite); without one, equal weights
+        and a warning."""
         if np.all(np.isfinite(gramian)):
             return self._post_scale(self._solve(gramian), gramian), True
-        if grad_scaler is None or not grad_scaler.is_enabled():
-            warn_non_finite(self.method_name)
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            return np.full(self.num_tasks, np.nan), False
+        warn_non_finite(self.method_name)
         return np.full(self.num_tasks, 1.0 / self.num_tasks), False
 
     def _returned(self, coeffs, finite, device):
