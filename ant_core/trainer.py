@@ -33,7 +33,7 @@ from .clustering import IntervalClusters
 from .diffusion import GaussianDiffusion
 from .sampling import StratifiedSampler, UniformSampler
 from .train_config import (GRADIENT_METHODS, RESUME_MUTABLE, TrainConfig, TrainingError,
-                           jsonable)
+                           jsonable, resolve_device)
 from .training_setup import (EMA, build_clusters, build_dataset, build_model, build_model_config,
                              distributed_setup)
 
@@ -60,6 +60,11 @@ class Trainer:
         if resume_state is None and ckpt.list_checkpoints(self.checkpoint_dir):
             raise ValueError(f"out={cfg.out!r} already holds checkpoints of a run; resume it "
                              "(resume=True / --resume) or choose another out folder")
+        if cfg.compile and cfg.amp != "none" and resolve_device(cfg.device) == "cpu":
+            raise ValueError(
+                f"compile=True with amp={cfg.amp!r} on a CPU: torch.compile under CPU autocast "
+                "gave the UNet zero gradients in many layers (torch 2.13's inductor; eager AMP "
+                "and compiled float32 are right), so this pair is refused: drop one of them")
         self.dataset = build_dataset(cfg)
         self.rank, self.world_size, self.device, self._created_group = \
             distributed_setup(cfg.device)
