@@ -152,10 +152,13 @@ def grouped_mse(pred, target, groups, num_groups, weight=None, *, return_per_sam
 
     Works under autograd (gradients of any order: with ``create_graph=True`` the gradient comes
     from differentiable torch ops instead of the fused kernel), ``torch.compile(fullgraph=True)``
-    (fake kernels are registered), AMP and CUDA graphs; CUDA kernels run on the current stream,
-    one launch per direction, and give bitwise-identical results from run to run (as does the
-    CPU path, whatever the thread count). :func:`reference_grouped_mse` computes the same thing
-    with plain torch ops.
+    (fake kernels are registered; give ``num_groups`` as a Python int there: dynamo traces a
+    numpy integer as a tensor, which the op cannot take), AMP and CUDA graphs; CUDA kernels run
+    on the current stream, one launch per direction, and give bitwise-identical results from run
+    to run (as does the CPU path, whatever the thread count). Not under ``torch.func``
+    transforms (``grad``, ``jacrev``, ...) or forward-mode AD: its autograd is a C++ function,
+    which those cannot trace (``vmap`` works, slowly). :func:`reference_grouped_mse` computes
+    the same thing with plain torch ops and works everywhere.
     """
     tensors = (("pred", pred), ("target", target), ("groups", groups))
     for name, value in tensors if weight is None else (*tensors, ("weight", weight)):

@@ -407,6 +407,20 @@ def test_verify_catches_what_the_engine_cannot_see(case):
     assert not all(torch.allclose(a, b) for a, b in zip(unchecked, reference))
 
 
+def test_a_compiled_forward_is_named_in_the_error():
+    """The engine hooks the eager modules; a torch.compile'd forward failed with a message about
+    tying or in-place edits only (aot_eager here: no inductor compile in the tests)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    engine = OneBackwardEngine(model)
+    group = torch.tensor([0, 0, 1, 1])
+    with engine.record():
+        out = torch.compile(model, backend="aot_eager")(torch.randn(4, 8)).pow(2).mean(1)
+    with pytest.raises(ValueError, match="torch.compile"):
+        engine.task_gradients(_group_losses(out, group, 2), list(model.parameters()),
+                              group=group)
+
+
 def test_verify_waits_for_non_zero_finite_references_and_covers_low_memory():
     """A zero-initialised head gives the tied embedding a zero gradient at step 0 (nothing to
     check), a non-finite step checks nothing either; the check stays on until it has compared

@@ -109,6 +109,9 @@ class OneBackwardEngine:
         losses = ant_core.grouped_mse(pred, target, group, K)
         method.backward(losses, model.parameters(), group=group)
 
+    The engine hooks the eager modules: run the model itself under ``record()``, not a
+    ``torch.compile`` of it.
+
     Supported layers: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding, numeric padding), the
     affine parameters of ``nn.LayerNorm`` / ``nn.GroupNorm`` and ``nn.Embedding`` (dense, no
     ``max_norm``); add more with :func:`ant_core.mtl.layer_gradients.register_layer_handler`.
@@ -210,7 +213,9 @@ class OneBackwardEngine:
             if x._version != x_version or y._version != y_version:
                 which = "input" if x._version != x_version else "output"
                 raise ValueError(f"the {which} of {module} was modified in place after its "
-                                 "forward; use out-of-place ops (e.g. inplace=False)")
+                                 "forward; use out-of-place ops (e.g. inplace=False). (A model "
+                                 "run through torch.compile looks like this too: the engine "
+                                 "needs the eager model.)")
 
     def _one_backward(self, losses, params, group, out=None):
         """The shared first half: fallback task gradients, then one backward to layer outputs.
@@ -321,7 +326,8 @@ class OneBackwardEngine:
                 f"OneBackwardEngine: the per-task gradients of {', '.join(wrong[:5])}"
                 f"{' …' if len(wrong) > 5 else ''} do not combine to the ordinary gradient: a "
                 "parameter used outside its layer's forward (weight tying), a layer that does not "
-                "see the batch on dim 0, or samples that interact. Use the autograd engine for "
+                "see the batch on dim 0, samples that interact, or a model run through "
+                "torch.compile (the engine needs the eager model). Use the autograd engine for "
                 "this model (or verify=False to skip this check)")
 
     def gramian_and_writer(self, losses, parameters, *, group=None, reduce=None):
