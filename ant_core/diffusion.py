@@ -70,9 +70,10 @@ class GaussianDiffusion:
         _check_integer_t(t)
         if batch is not None and t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-        # On the CPU a clear error; on a GPU reading t back would sync every step, so a bad t
-        # is left to index_select's device-side bounds check there.
-        if t.device.type == "cpu" and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < self.T:
+        # On the CPU a clear error; on a GPU reading t back would sync every step (and under
+        # torch.compile break the graph), so a bad t is left to index_select's bounds check.
+        if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() and \
+                not 0 <= int(t.min()) <= int(t.max()) < self.T:
             raise ValueError(f"t must lie in [0, {self.T}), got values in "
                              f"[{int(t.min())}, {int(t.max())}]")
         return t.long()

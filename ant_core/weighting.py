@@ -21,6 +21,9 @@ from .checks import TORCH_SEEDS, check_float, check_int
 
 __all__ = ["min_snr_weight", "p2_weight", "ContinuousUncertainty"]
 
+# SNR / log-SNR values are checked (ValueError) for CPU tensors in eager mode only: on a GPU the
+# check would read the device back every call, and under torch.compile it would break the graph.
+
 _TARGETS = ("eps", "v", "x0")
 
 
@@ -31,6 +34,8 @@ def _check_snr(snr, name="snr", allow_negative=False):
         raise ValueError(f"{name} must have shape (B,), got {tuple(snr.shape)}")
     if not snr.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {snr.dtype}")
+    if snr.device.type != "cpu" or torch.compiler.is_compiling():
+        return snr  # the value check would sync with a GPU every step / break a compiled graph
     bad = ~torch.isfinite(snr) if allow_negative else torch.isnan(snr) | (snr < 0)
     if bad.any():
         raise ValueError(f"{name} must be {'finite' if allow_negative else 'non-negative'}"
@@ -109,8 +114,8 @@ class ContinuousUncertainty(nn.Module):
         return self
 
     def log_variance(self, log_snr: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-        """``u(λ)`` of shape (B,). ``check=False`` skips validating ``log_snr``, whose
-        finiteness test reads the device back (a host sync), for inputs finite by construction."""
+        """``u(λ)`` of shape (B,). ``check=False`` skips validating ``log_snr`` (its shape and
+        dtype; its finiteness too, which is only tested for CPU tensors in eager mode)."""
         if check:
             log_snr = _check_snr(log_snr, "log_snr", allow_negative=True)
         # the phase f·λ·s + φ in at least float32: in bfloat16, λ = 60 was off by a quarter turn

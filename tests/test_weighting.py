@@ -107,3 +107,14 @@ def test_edm2_fourier_features_keep_float32_in_a_half_precision_module():
     assert m.frequencies.dtype == torch.float32 and m.net[0].weight.dtype == torch.bfloat16
     got = m.log_variance(lam).detach().double()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)  # the net's bf16 rounding only
+
+
+def test_weights_compile_without_graph_breaks():
+    """The value check reads the tensor back; under torch.compile it is skipped (it broke the
+    graph once per call), so fullgraph compiles. backend="eager": no inductor in the tests."""
+    snr = torch.rand(8) * 10
+    uncertainty = ContinuousUncertainty()
+    for fn in (lambda s: min_snr_weight(s, 5.0), lambda s: p2_weight(s, 1.0, 0.5),
+               lambda s: uncertainty(s, s.log())):
+        got = torch.compile(fn, fullgraph=True, backend="eager")(snr)
+        torch.testing.assert_close(got, fn(snr))
