@@ -187,7 +187,9 @@ class IntervalClusters:
 # ----------------------------------------------------------------------------- validation
 
 
-def _float_array(name, value, ndim):
+def _float_array(name, value, ndim, upper=False):
+    """A checked float64 copy; ``upper``: only the upper triangle (l <= r) must be finite,
+    the part a cost matrix is read from (the rest is often NaN / inf as "unused")."""
     arr = real_array(name, value)  # a fresh contiguous float64 copy
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
@@ -196,6 +198,8 @@ def _float_array(name, value, ndim):
     if ndim == 2 and arr.shape[0] != arr.shape[1]:
         raise ValueError(f"{name} must be square (T x T), got shape {arr.shape}")
     bad = ~np.isfinite(arr)
+    if upper:
+        bad = np.triu(bad)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name} must be finite; {name}{list(where)} = {arr[where]}")
@@ -267,7 +271,8 @@ def interval_clustering(
     * ``"abs"`` / ``"sse"``: a 1-D series ``values`` (abs needs it monotone).
     * ``"affinity"``, ``"affinity_medoid"``, ``"affinity_average"``: a T x T task-affinity
       matrix ``affinity`` (higher = more alike).
-    * ``cost_matrix=C``: any cost, ``C[l, r]`` for l..r inclusive (upper triangle read).
+    * ``cost_matrix=C``: any cost, ``C[l, r]`` for l..r inclusive (only the upper triangle is
+      read, and only it must be finite).
 
     ``min_size`` / ``max_size`` bound every interval's length. ``method``: ``"exact"`` is the
     O(k T^2) DP; ``"monge"`` the O(k T log T) divide and conquer, allowed only when the cost
@@ -315,7 +320,8 @@ def interval_clustering(
             return dp.solve_series(series, kind, k, min_size, size_cap, m)
     else:
         if objective == "cost_matrix":
-            matrix = _float_array("cost_matrix", cost_matrix, 2)
+            matrix = _float_array("cost_matrix", cost_matrix, 2, upper=True)
+            matrix[np.tril_indices(len(matrix), -1)] = 0.0  # never read; keep it finite
         else:
             centre = {"affinity": "middle", "affinity_medoid": "medoid", "affinity_average": "average"}
             matrix = dp.affinity_cost_matrix(_float_array("affinity", affinity, 2), centre[objective])
@@ -398,7 +404,12 @@ def interval_clustering_batched(
     # one pass for the range: finiteness (NaN too) now, overflow below
     extremes = [float(v) for v in torch.aminmax(data)] if data.numel() else [0.0]
     if not all(math.isfinite(v) for v in extremes):
-        raise ValueError(f"{name} must be finite")
+        if affinity is not None:
+            raise ValueError(f"{name} must be finite")
+        data = torch.triu(data)  # a cost matrix is read on l <= r only: the rest may be NaN
+        extremes = [float(v) for v in torch.aminmax(data)]
+        if not all(math.isfinite(v) for v in extremes):
+            raise ValueError(f"{name} must be finite on its upper triangle (l <= r)")
     if affinity is None:
         if objective not in (None, "cost_matrix"):
             raise ValueError(f"objective={objective!r} needs affinity=, not cost_matrices=")

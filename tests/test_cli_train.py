@@ -346,3 +346,7 @@ def test_demo_quick(tmp_path):
     assert len(clusters["bounds"]) == 5 and clusters["objective"] == "log_snr"
     assert len(read_metrics(out / "metrics.jsonl")) == 3
     assert Path(out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # again into the same folder: the error names demo's own remedy (it named --resume)
+    again = run_cli("demo", "--quick", "--out", str(out), "--no-progress", "--steps", "6")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert "--resume" not in again.stderr

@@ -119,6 +119,12 @@ def test_lower_triangle_is_ignored():
     D = C.copy()
     D[np.tril_indices(8, -1)] = 1e9
     assert interval_clustering(3, cost_matrix=C) == interval_clustering(3, cost_matrix=D)
+    for unused in (np.nan, np.inf, -np.inf):  # "unused" marks below the diagonal are accepted
+        D[np.tril_indices(8, -1)] = unused
+        assert interval_clustering(3, cost_matrix=D) == interval_clustering(3, cost_matrix=C)
+    D[2, 5] = np.nan  # one that is read is not
+    with pytest.raises(ValueError, match=r"cost_matrix\[2, 5\] = nan"):
+        interval_clustering(3, cost_matrix=D)
 
 
 @pytest.mark.parametrize("min_size,max_size", [(2, None), (1, 3), (2, 4), (3, 3)])

@@ -33,6 +33,24 @@ def test_equals_cpu_solver_on_cost_matrices(device, dtype, integer):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_lower_triangle_may_be_nan_but_the_upper_must_be_finite(device):
+    C = random_costs(3, 9, seed=4)
+    D = C.copy()
+    D[0][np.tril_indices(9, -1)] = np.nan  # unused entries, marked as such
+    D[1][np.tril_indices(9, -1)] = np.inf
+    got = interval_clustering_batched(3, cost_matrices=torch.tensor(D, device=device))
+    want = interval_clustering_batched(3, cost_matrices=torch.tensor(C, device=device))
+    assert [g.bounds for g in got] == [w.bounds for w in want]
+    D[2, 1, 4] = np.nan
+    with pytest.raises(ValueError, match="upper triangle"):
+        interval_clustering_batched(3, cost_matrices=torch.tensor(D, device=device))
+    A = np.stack([np.eye(9)] * 2)
+    A[0, 5, 1] = np.nan  # an affinity is read whole
+    with pytest.raises(ValueError, match="affinity must be finite"):
+        interval_clustering_batched(3, affinity=torch.tensor(A, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_size_bounds(device):
     C = random_costs(4, 30, seed=1, integer=True)
     for mn, mx in [(3, None), (1, 8), (4, 7)]:

@@ -368,6 +368,10 @@ def test_load_array_checks_its_options(tmp_path):
             load_array(tmp_path / "ok.npy", value_range=value_range)
     with pytest.raises(ValueError, match="layout must be"):
         load_array(tmp_path / "ok.npy", layout="bogus")
+    np.save(tmp_path / "c5.npy", np.zeros((2, 5, 8, 8), np.float32))  # no axis <= 4
+    with pytest.raises(ValueError, match="at most 4 channels.*layout='NHWC' or 'NCHW'"):
+        load_array(tmp_path / "c5.npy")
+    assert load_array(tmp_path / "c5.npy", layout="NCHW").channels == 5
 
 
 def test_load_digits_conversion_with_stub_sklearn(monkeypatch):

@@ -51,7 +51,10 @@ def run(args) -> int:
         (20 if quick else 1000 if args.model == "dit-tiny" else 500)
     num_eval = 16 if quick else 100
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    if args.overwrite and (out / "checkpoints").is_dir():
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        if not args.overwrite:
+            raise ValueError(f"--out {out} already holds a run's checkpoints: pass "
+                             "--overwrite to replace them, or choose another --out")
         import shutil
 
         shutil.rmtree(out / "checkpoints")

@@ -98,8 +98,9 @@ def _to_nchw(array: np.ndarray, layout: str) -> np.ndarray:
         elif last or second:
             layout = "NHWC" if last else "NCHW"
         else:
-            raise ValueError(f"cannot tell the channel axis of an array of shape {array.shape}; "
-                             "pass layout='NHWC' or 'NCHW'")
+            raise ValueError(f"cannot tell the channel axis of an array of shape {array.shape}: "
+                             "with layout='auto' (as `ant train` reads arrays) images have at "
+                             "most 4 channels; from Python, pass layout='NHWC' or 'NCHW'")
     return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
 
 
