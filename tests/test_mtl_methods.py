@@ -220,6 +220,21 @@ def test_famo_without_reevaluation_updates_from_the_next_losses():
         mtl.create("famo", num_tasks=K, reevaluate="no")
 
 
+def test_famo_warns_once_when_update_is_never_called():
+    """With reevaluate=True the logits move only in update(); a loop that forgets it silently
+    trained with fixed weights."""
+    famo = mtl.create("famo", num_tasks=K)
+    x = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+    losses = torch.tensor([0.5, 1.5, 0.2], dtype=torch.float64)
+    famo.backward(losses * x, [x])
+    famo.update(losses * 0.9)  # the right order: no warning
+    famo.backward(losses * x, [x])
+    with pytest.warns(UserWarning, match="without update") as record:
+        famo.backward(losses * x, [x])
+        famo.backward(losses * x, [x])  # once only
+    assert len(record) == 1 and record[0].filename == __file__
+
+
 def test_dwa_uses_loss_ratios():
     dwa = mtl.create("dwa", num_tasks=K, temperature=2.0)
     history = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 2.0, 3.3]),

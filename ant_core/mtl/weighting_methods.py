@@ -8,6 +8,8 @@ model, so put :meth:`MTLMethod.param_groups` in the optimizer the GradScaler ste
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -244,6 +246,7 @@ class FAMO(_LossWeighting):
         super().__init__(num_tasks, process_group=process_group)
         self.reevaluate = check_bool("reevaluate", reevaluate)
         self._awaiting_update = False  # backward ran, update not yet (reevaluate=True)
+        self._warned_no_update = False
         self.lr = check_float("lr", lr, 0, strict=True)
         self.weight_decay = check_float("weight_decay", weight_decay, 0)
         self.epsilon = check_float("epsilon", epsilon, 0, strict=True)
@@ -265,6 +268,12 @@ class FAMO(_LossWeighting):
     def _weights(self, global_losses, present, scale):
         if not self.reevaluate:
             self._step_logits(global_losses, present)
+        elif self._awaiting_update and not self._warned_no_update:
+            self._warned_no_update = True
+            warnings.warn("FAMO: backward ran again without update() after the previous one; "
+                          "with reevaluate=True the task weights adapt only in update(losses "
+                          "after optimizer.step()): call it every step, or use "
+                          "reevaluate=False", stacklevel=3)
         shifted = self._shifted(global_losses)
         z = torch.softmax(self.logits.to(shifted.device), dim=0)
         ratios = torch.where(present, z / shifted, 0.0)
