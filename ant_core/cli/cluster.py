@@ -40,7 +40,7 @@ def add_parser(sub):
     p.add_argument("--method", default="auto", choices=("auto", "exact", "monge"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot the intervals over log-SNR "
-                   "(needs matplotlib)")
+                   "(over t with --values / --affinity / --cost-matrix; needs matplotlib)")
     p.set_defaults(func=run)
 
 

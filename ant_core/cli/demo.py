@@ -24,7 +24,7 @@ def add_parser(sub):
                    "dit-tiny, 500 for the slower unet-tiny; --quick: 20)")
     p.add_argument("--quick", action="store_true", help="a tiny run for CI (seconds)")
     p.add_argument("--model", default="dit-tiny", choices=("dit-tiny", "unet-tiny"))
-    p.add_argument("--image-size", type=int, default=16, help="16 (default) to 32")
+    p.add_argument("--image-size", type=int, default=16, help="side in pixels (default 16)")
     p.add_argument("--method", default="uw", help="MTL method (default uw)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
