@@ -381,10 +381,16 @@ def test_cancellation_cases_are_exact():
     partial sums overflow away from the optimum (refused, though the optimum is 0)."""
     # (accuracy: about eps * cost + eps^2 * the squares; the 1e153 case has squares 1e25 times
     # its cost)
-    for k, x, rel in ((3, [0, 1, 1e8, 1e8, 2, 3], 1e-12),
-                      (2, [1e153, 1e153 * (1 + 1e-12), 0, 0], 1e-6),
-                      (3, 1e12 + 0.001 * np.arange(40), 1e-12)):
-        objective = "abs" if len(x) == 40 else "sse"
+    # abs: small values far from the series' middle value (the cost of (6, 9) was 32776, not
+    # 7.985: its two halves' deviations from the middle, ~1e20 each, were rounded separately)
+    far = [-2.3648563937947868e+20, -2.3643928154405641e+20, -2.1372815000653067e+20,
+           -1.9527746923108044e+20, -1.611628304810349e+20, -1.0964267893099517e+20,
+           0.32705999371858363, 6.0431693130821635, 8.3122415976119015]
+    for k, x, rel, objective in ((3, [0, 1, 1e8, 1e8, 2, 3], 1e-12, "sse"),
+                                 (2, [1e153, 1e153 * (1 + 1e-12), 0, 0], 1e-6, "sse"),
+                                 (3, 1e12 + 0.001 * np.arange(40), 1e-12, "abs"),
+                                 (7, far, 1e-12, "abs"),
+                                 (2, [-1e17] * 4 + [1, 2, 4], 1e-12, "abs")):
         res = interval_clustering(k, objective, values=x)
         cost = direct_cost(objective, x=x)
         exact = total(cost, res.bounds)

@@ -166,8 +166,19 @@ class AbsDeviationCost {
   }
   double operator()(int64_t j, int64_t i) const {
     const int64_t m = i + j;
-    const double cost = ((prefix_.hi[i] - a_[m]) + (prefix_.hi[j] - b_[m])) +
-                        ((prefix_.lo[i] + prefix_.lo[j]) - low_[m]);
+    const double right = prefix_.hi[i] - a_[m], left = prefix_.hi[j] - b_[m];
+    const double low = (prefix_.lo[i] + prefix_.lo[j]) - low_[m];
+    double cost = (right + left) + low;
+    // right and left are each about half the interval's deviation from the series' middle
+    // value, and each is rounded: far from the middle they can be much larger than the cost
+    // they cancel to. There the two differences are redone exactly, as pairs, so the cost is
+    // rounded once (to about eps times itself); elsewhere the error is below 4097 eps x cost.
+    if (std::fabs(right) + std::fabs(left) > 4096.0 * std::fabs(cost)) {
+      double r, r_err, l, l_err;
+      exact_difference(prefix_.hi[i], a_[m], r, r_err);
+      exact_difference(prefix_.hi[j], b_[m], l, l_err);
+      cost = (r + l) + ((r_err + l_err) + low);
+    }
     return runs_.constant(j, i) ? 0.0 : std::max(cost, 0.0);  // one value: already exactly 0
   }
 
