@@ -277,9 +277,13 @@ def interval_clustering(
     ``min_size`` / ``max_size`` bound every interval's length. ``method``: ``"exact"`` is the
     O(k T^2) DP; ``"monge"`` the O(k T log T) divide and conquer, allowed only when the cost
     satisfies the quadrangle inequality (proven for the deviation objectives on monotone series,
-    checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed. Both return the
-    same optimum and the same tie-breaking: among equally good partitions the most balanced one
-    (smallest sum of squared sizes), then the smallest boundaries compared from the last.
+    checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed, except for a series
+    whose partial sums' rounding (about 8 k eps times the whole series' cost) reaches its
+    smallest gap between values (squared for sse) while the exact DP is affordable
+    (k T^2 <= 1e9): near-ties decided by rounding can lead monge's pruning past the optimum
+    (by about that rounding). Both return the same optimum and the same tie-breaking: among
+    equally good partitions the most balanced one (smallest sum of squared sizes), then the
+    smallest boundaries compared from the last.
 
     Costs are float64, each accurate to about eps times itself plus eps^2 (~1e-32) times the
     prefix sums behind it (of the values, sse: of their squares, measured from the series'
@@ -315,6 +319,8 @@ def interval_clustering(
             raise ValueError(f"values must be monotone for objective={objective!r}; "
                              "use objective='sse' or a cost_matrix")
         n = series.size
+        if method == "auto" and monge_ok and k * n * n <= _AFFORDABLE_EXACT:
+            monge_ok = _rounding_below_resolution(series, k, kind)
 
         def solve(m):
             return dp.solve_series(series, kind, k, min_size, size_cap, m)
@@ -351,6 +357,25 @@ def interval_clustering(
         objective=objective,
         fast_path=bool(result["fast_path"]),
     )
+
+
+_AFFORDABLE_EXACT = 1e9  # k T^2 of an exact solve that takes about half a second
+
+
+def _rounding_below_resolution(series: np.ndarray, k: int, kind: str) -> bool:
+    """Whether the Monge path's pruning is safe from rounding: its partial sums (up to k costs,
+    each at most the whole series' cost) are rounded to about eps times themselves, and where
+    that reaches the data's own resolution (its smallest gap, squared for sse) near-ties are
+    decided by rounding, and the divide and conquer can narrow its search past the optimum
+    (abs next to values of 1e16 with max_size: cost 3, where the optimum is 2)."""
+    gaps = np.abs(np.diff(series))
+    gaps = gaps[gaps > 0]
+    if gaps.size == 0:
+        return True
+    power = 2 if kind == "sse" else 1
+    with np.errstate(over="ignore"):  # an overflow: not safe, and the solver says why
+        whole = (np.abs(series - series[series.size // 2]) ** power).sum()
+        return bool(8 * k * whole * np.finfo(float).eps < gaps.min() ** power)
 
 
 def _monotone_direction(x: np.ndarray) -> int:

@@ -373,6 +373,19 @@ def test_property_magnitudes_far_apart(args, objective, method):
     assert abs(result.cost - float(got)) <= tolerance           # and its cost
 
 
+def test_auto_leaves_monge_where_rounding_reaches_the_data_resolution():
+    """Next to values of 1e16 the Monge path's partial sums round by ~2, near-ties among them
+    steer its pruning, and it returned cost 3 where the optimum is 2; auto now takes the exact
+    path there, and keeps the fast one for the paper's objectives."""
+    x = [-2, -1, -1, 0, 2, 1e16, 1e16]
+    auto = interval_clustering(3, "abs", values=x, max_size=4)
+    exact = interval_clustering(3, "abs", values=x, max_size=4, method="exact")
+    assert auto == exact and auto.cost == 2.0 and not auto.fast_path
+    for objective in ("timestep", "snr", "log_snr"):
+        assert interval_clustering(5, objective).fast_path
+    assert interval_clustering(32, "log_snr", T=100_000).fast_path  # exact: not affordable
+
+
 def test_cancellation_cases_are_exact():
     """Fixed cases of the paths the property test rarely reaches: sse's pair path (values 0, 1
     next to 1e8: its one-line formula gives 0), sse near the overflow bound (the pair path's
