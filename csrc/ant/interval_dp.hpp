@@ -87,7 +87,8 @@ inline int64_t checked_max_size(int64_t T, int64_t K, const SizeBounds& b) {
   if (mx < b.min_size)
     throw std::invalid_argument("max_size (" + std::to_string(b.max_size) +
                                 ") must be >= min_size (" + std::to_string(b.min_size) + ")");
-  if (K * b.min_size > T || K * mx < T)
+  // K * min_size > T or K * mx < T, by division: the products can overflow int64
+  if (b.min_size > T / K || mx < T / K + (T % K != 0))
     throw std::invalid_argument(
         "infeasible size bounds: k=" + std::to_string(K) + " intervals of size in [min_size=" +
         std::to_string(b.min_size) + ", max_size=" + std::to_string(mx) +

@@ -203,6 +203,13 @@ void test_uniform_timestep_and_errors() {
   CHECK(throws(5, {300, 0}));
   CHECK(throws(5, {1, 100}));
   CHECK(throws(5, {50, 40}));
+  CHECK(throws(5, {201, 0}));  // 5 x 201 > 1000
+  CHECK(throws(5, {1, 199}));  // 5 x 199 < 1000
+  CHECK(!throws(5, {200, 200}));
+  // bounds near int64's limits: K * min_size overflowed (undefined behaviour) before the check
+  const int64_t big = int64_t{4000000000};
+  CHECK(throws_invalid_argument([&] { ant::detail::checked_max_size(big, big, {big, 0}); }));
+  CHECK(ant::detail::checked_max_size(big, 2, {big / 2, big / 2}) == big / 2);
   std::vector<double> wiggly{0, 2, 1}, huge{0, 1e200, 2e200, 3e200};
   CHECK(throws_invalid_argument([&] { ant::AbsDeviationCost bad(wiggly.data(), 3); }));
   // an empty series (nothing to read, not x[0]) and sums that overflow double precision
