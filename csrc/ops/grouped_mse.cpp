@@ -439,8 +439,8 @@ std::vector<double> sample_coefficients(const at::Tensor& grad_group,
   const double scale = 2.0 / static_cast<double>(per_sample);
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t n = count_p[g[i]];
-    TORCH_CHECK_VALUE(n > 0, "grouped_mse_backward: group_count[", g[i],
-                      "] is 0 but sample ", i, " belongs to that group");
+    TORCH_CHECK_VALUE(n > 0, "grouped_mse_backward: group_count[", g[i], "] is ", n,
+                      " but sample ", i, " belongs to that group");
     double c = gg_p[g[i]] / static_cast<double>(n);
     if (w.defined()) c *= w.data_ptr<double>()[i];
     if (gs.defined()) c += gs.data_ptr<double>()[i];
