@@ -9,6 +9,7 @@ and ``"x0"``. Per-sample loss weightings (Min-SNR-gamma, P2, ...) live in
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -173,6 +174,16 @@ class GaussianDiffusion:
                              f"{tuple(y.shape)} {y.dtype}")
         return float(guidance_scale), y, num_classes
 
+    def _warn_terminal_signal(self):
+        terminal = float(self.alphas_cumprod[-1])
+        if terminal > 0.01:
+            warnings.warn(
+                f"the {self.schedule.name} schedule with T={self.T} ends at alphas_cumprod="
+                f"{terminal:.3g}, far from pure noise, while sampling starts from N(0, I) at "
+                "t = T - 1: samples come out biased. Use a larger T, "
+                "the cosine schedule, or betas scaled to T (e.g. schedules.linear(T, 1e-4 * "
+                "1000 / T, 0.02 * 1000 / T))", stacklevel=4)
+
     @torch.no_grad()
     def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, guidance_scale: float = 1.0,
                     device=None, clip_x0: float | None = 1.0,
@@ -201,7 +212,12 @@ class GaussianDiffusion:
         have been trained (``TrainConfig.label_dropout`` > 0).
 
         The sampler's state is float64; the model sees it in its parameters' floating dtype
-        (float32 for a model without parameters), e.g. bfloat16 for a bf16 model."""
+        (float32 for a model without parameters), e.g. bfloat16 for a bf16 model.
+
+        Sampling starts from N(0, I) at t = T - 1, which is right only where the schedule ends
+        near pure noise: where ``alphas_cumprod[T - 1]`` exceeds 0.01 (the linear schedule below
+        T of about 460, whose betas are not rescaled with T) a warning says so."""
+        self._warn_terminal_signal()
         steps = min(50, self.T) if steps is None else steps
         steps = check_int("steps", steps, 1, self.T)
         eta = check_float("eta", eta, 0)

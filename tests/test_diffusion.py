@@ -1,4 +1,6 @@
 """Forward process, targets and samplers against closed forms."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -309,3 +311,21 @@ def test_forward_process_compiles_without_graph_breaks():
     got = torch.compile(forward, fullgraph=True, backend="eager")(x0, noise, t)
     for a, b in zip(got, forward(x0, noise, t)):
         torch.testing.assert_close(a, b)
+
+
+def test_sampling_warns_where_the_schedule_does_not_end_in_noise():
+    """Sampling starts from N(0, I) at t = T - 1: with the linear schedule at T = 50
+    (alphas_cumprod[-1] = 0.6) the samples of a Bayes-optimal model had variance 0.45 for data
+    of variance 0.25, silently."""
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    with pytest.warns(UserWarning, match="alphas_cumprod=0.6") as record:
+        GaussianDiffusion("linear", 50).sample_ddim(model, (2, 1, 2, 2), steps=2)
+    assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="far from pure noise"):
+        GaussianDiffusion("linear", 50).sample_ddpm(model, (2, 1, 2, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GaussianDiffusion("linear", 1000).sample_ddim(model, (2, 1, 2, 2), steps=2)
+        GaussianDiffusion("cosine", 50).sample_ddim(model, (2, 1, 2, 2), steps=2)
