@@ -138,11 +138,13 @@ def _kth_neighbour_radii(features, k, chunk):
 
 def _inside_manifold(points, centres, radii, chunk):
     """For each point: does some ball (centre_j, radius_j) contain it? (Both sets centred
-    alike, so the rounding, and this tolerance for it, follow the features' own scale.)"""
-    tol = 1e-9 * max(float(centres.abs().max()), float(points.abs().max()))
+    alike.) The tolerance for cdist's rounding follows the scale of the pair compared, so one
+    far outlier does not widen every ball (it had turned precision 0.015 into 0.13)."""
+    point_scale, centre_scale = points.abs().amax(dim=1), centres.abs().amax(dim=1)
     inside = []
     for start in range(0, points.shape[0], chunk):
         d = torch.cdist(points[start:start + chunk], centres)
+        tol = 1e-9 * torch.maximum(point_scale[start:start + chunk, None], centre_scale[None])
         inside.append((d <= radii[None] + tol).any(dim=1))
     return torch.cat(inside)
 

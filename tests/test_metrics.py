@@ -188,6 +188,16 @@ def test_precision_recall_does_not_depend_on_the_features_scale_or_origin(scale,
     assert got == pytest.approx(want)
 
 
+def test_one_far_outlier_does_not_widen_every_ball():
+    """The rounding tolerance came from the largest coordinate of either set: one fake at 1e6
+    next to features of scale 1e-3 turned precision 0.015 into 0.13."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 2)) * 1e-3
+    fake = np.vstack([rng.normal(size=(200, 2)) * 1e-3 + 4e-3, [[1e6, 0.0]]])
+    got = precision_recall(real, fake, k=3)
+    assert got == pytest.approx(_brute_force_precision_recall(real, fake, 3))
+
+
 def test_precision_recall_errors():
     x = np.zeros((5, 2))
     with pytest.raises(ValueError, match="k="):
