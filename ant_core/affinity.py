@@ -206,10 +206,10 @@ class AffinityResult:
 def _batches(data, batches, batch_size, seed, device):
     from .data import make_loader
 
-    if isinstance(data, torch.Tensor):
-        data = [data]
+    # a tensor is a dataset of images, like any object with len + indexing (it had been one
+    # batch, whatever batch_size said)
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
-            data, (list, tuple, torch.Tensor)):
+            data, (list, tuple)):
         if len(data) == 0:
             raise ValueError("data: the dataset is empty")
         if check_int("batch_size", batch_size, 1) > len(data):
@@ -251,9 +251,9 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
     Args:
         models: an ``nn.Module``, a checkpoint file / run folder (all its checkpoints), or a list
             of modules, paths or state dicts (state dicts are loaded into ``model``).
-        data: a dataset (``len`` + indexing; batched with ``make_loader``) or an iterable of
-            batches (tensors or ``(x, y)`` pairs). The first ``batches`` batches are used for
-            every timestep and checkpoint.
+        data: a dataset (``len`` + indexing, e.g. an (N, C, H, W) tensor of images; batched
+            with ``make_loader``) or a list / other iterable of batches (tensors or ``(x, y)``
+            pairs). The first ``batches`` batches are used for every timestep and checkpoint.
         diffusion: a :class:`GaussianDiffusion` for the default loss and for T (from the
             checkpoint's config when loading checkpoints).
         loss_fn: ``loss_fn(model, x0, t)`` (``loss_fn(model, x0, t, y)`` when the model has a
@@ -265,6 +265,8 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         ema: use the EMA weights of checkpoints. seed: noise, random timesteps and the sketch.
         timesteps_per_pass: grid timesteps per forward/backward (an int >= 1 or ``"auto"``;
             see the module docstring); the result does not depend on it beyond rounding.
+        device: where the gradients are computed (default: the first model's); given modules
+            are moved there, run in eval mode, and left in the train / eval mode they had.
     """
     require_available(device)
     files, cfg = None, None
@@ -346,64 +348,70 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="affinity", leave=False)
     rows, sketch, engine = None, None, None
-    for c, chunk in iterator:
-        if chunk[0] == 0:
-            mod = models[c]
-            if not isinstance(mod, nn.Module):  # a checkpoint file, loaded when its turn comes
-                mod = load_model(mod, ema, device)[0]
-            params = _trainable(mod, c)
-            mod.to(device).eval()
-            numel = sum(p.numel() for p in params)
-            if exact:
-                rows = torch.zeros(M, numel, dtype=torch.float32, device=device)
-            else:
-                numels = [p.numel() for p in params]
-                if sketch is None or sketch.numels != numels:  # keeps its hash-code cache
-                    sketch = CountSketch(numels, d, seed=seed)
-                rows = torch.zeros(M, d, dtype=torch.float32, device=device)
-            if group_size > 1:
-                from .mtl import OneBackwardEngine
-                engine = OneBackwardEngine(mod)
-        conditional = bool(getattr(mod, "num_classes", None))
-        for b, (x, y) in enumerate(data_batches):
-            y = y if conditional else None
-            ts = [int(t_of[b, m]) for m in chunk]
-            if engine is None:
-                grads_of = (_gradients_one(mod, params, base, loss_fn, x, y, noises[b], t)
-                            for t in ts)
-            else:
-                grads_of = _gradients_batched(mod, params, engine, base, x, y, noises[b], ts)
-            for m, grads in zip(chunk, grads_of):
+    # eval() for the estimate; the caller's modules go back to train / eval as they were
+    modes = [(m, m.training) for m in models if isinstance(m, nn.Module)]
+    try:
+        for c, chunk in iterator:
+            if chunk[0] == 0:
+                mod = models[c]
+                if not isinstance(mod, nn.Module):  # a checkpoint file, loaded when its turn comes
+                    mod = load_model(mod, ema, device)[0]
+                params = _trainable(mod, c)
+                mod.to(device).eval()
+                numel = sum(p.numel() for p in params)
                 if exact:
-                    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                      for g, p in zip(grads, params)])
-                    rows[m].add_(flat.float(), alpha=1.0 / batches)
+                    rows = torch.zeros(M, numel, dtype=torch.float32, device=device)
                 else:
-                    sketch.apply(grads, out=rows[m], scale=1.0 / batches)
-            del grads_of
-        if chunk[-1] == M - 1:
-            gram = torch.zeros(M, M, dtype=torch.float64, device=rows.device)
-            for start in range(0, rows.shape[1], 1 << 16):  # float64 Gram, chunked over P
-                block = rows[:, start:start + (1 << 16)].double()
-                gram += block @ block.T
-            gram = gram.cpu().numpy()
-            if not np.isfinite(gram).all():
-                raise ValueError(f"models[{c}]: the gradients are not finite (NaN or infinite "
-                                 "weights or data, or an overflow); no affinity from them")
-            norm = np.sqrt(np.clip(np.diag(gram), 0, None))
-            if np.any(norm == 0):
-                raise ValueError(f"models[{c}]: a timestep's gradient is exactly zero; the "
-                                 "cosine is undefined")
-            cos = gram / np.outer(norm, norm)
-            cos = np.clip((cos + cos.T) / 2, -1.0, 1.0)
-            np.fill_diagonal(cos, 1.0)
-            total += cos
-            rows = None
-            if engine is not None:
-                engine.remove()
-                engine = None
-            if files is not None:
-                models[c] = files[c]  # drop the loaded model
+                    numels = [p.numel() for p in params]
+                    if sketch is None or sketch.numels != numels:  # keeps its hash-code cache
+                        sketch = CountSketch(numels, d, seed=seed)
+                    rows = torch.zeros(M, d, dtype=torch.float32, device=device)
+                if group_size > 1:
+                    from .mtl import OneBackwardEngine
+                    engine = OneBackwardEngine(mod)
+            conditional = bool(getattr(mod, "num_classes", None))
+            for b, (x, y) in enumerate(data_batches):
+                y = y if conditional else None
+                ts = [int(t_of[b, m]) for m in chunk]
+                if engine is None:
+                    grads_of = (_gradients_one(mod, params, base, loss_fn, x, y, noises[b], t)
+                                for t in ts)
+                else:
+                    grads_of = _gradients_batched(mod, params, engine, base, x, y, noises[b], ts)
+                for m, grads in zip(chunk, grads_of):
+                    if exact:
+                        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                          for g, p in zip(grads, params)])
+                        rows[m].add_(flat.float(), alpha=1.0 / batches)
+                    else:
+                        sketch.apply(grads, out=rows[m], scale=1.0 / batches)
+                del grads_of
+            if chunk[-1] == M - 1:
+                gram = torch.zeros(M, M, dtype=torch.float64, device=rows.device)
+                for start in range(0, rows.shape[1], 1 << 16):  # float64 Gram, chunked over P
+                    block = rows[:, start:start + (1 << 16)].double()
+                    gram += block @ block.T
+                gram = gram.cpu().numpy()
+                if not np.isfinite(gram).all():
+                    raise ValueError(f"models[{c}]: the gradients are not finite (NaN or infinite "
+                                     "weights or data, or an overflow); no affinity from them")
+                norm = np.sqrt(np.clip(np.diag(gram), 0, None))
+                if np.any(norm == 0):
+                    raise ValueError(f"models[{c}]: a timestep's gradient is exactly zero; the "
+                                     "cosine is undefined")
+                cos = gram / np.outer(norm, norm)
+                cos = np.clip((cos + cos.T) / 2, -1.0, 1.0)
+                np.fill_diagonal(cos, 1.0)
+                total += cos
+                rows = None
+                if engine is not None:
+                    engine.remove()
+                    engine = None
+                if files is not None:
+                    models[c] = files[c]  # drop the loaded model
+    finally:
+        for module, training in modes:
+            module.train(training)
     grid = total / len(models)
     matrix = expand_grid(grid, T, interpolation,
                          centers=centers if timesteps == "center" else None)

@@ -254,6 +254,24 @@ def test_default_diffusion_loss_on_a_dataset():
     assert np.isfinite(r.matrix).all()
 
 
+def test_a_tensor_is_a_dataset_and_the_models_keep_their_mode():
+    """A bare (N, C, H, W) tensor was one batch whatever batch_size said, and the caller's
+    model was left in eval mode (dropout silently off for the training that follows)."""
+    diffusion = GaussianDiffusion("cosine", 40)
+    images = ProceduralShapes(16, 8, seed=0).images
+    model = small_model(0).train()
+    r = estimate_affinity(model, images, diffusion=diffusion, M=4, d=256, batches=2,
+                          batch_size=4)
+    assert r.metadata["batch_size"] == 4 and np.isfinite(r.matrix).all()
+    assert model.training
+    frozen = small_model(1).eval()
+    estimate_affinity(frozen, images, diffusion=diffusion, M=4, d=256, batch_size=4)
+    assert not frozen.training
+    with pytest.raises(ValueError, match="batch_size=32 exceeds the dataset's 16 images"):
+        estimate_affinity(model, images, diffusion=diffusion, M=4, batch_size=32)
+    assert model.training  # also after an error
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny DiT trained briefly on T=100 (two checkpoints)."""
