@@ -47,11 +47,13 @@ def build_model_config(config: TrainConfig, dataset) -> dict:
         raise ValueError(f"class_conditional=True but data={config.data!r} has no labels")
     model_config = {"image_size": dataset.image_size, "in_channels": dataset.channels,
                     "num_classes": num_classes}
+    # the training target has the data's channels: out_channels (when given) must be those
+    expected = {**model_config, "out_channels": dataset.channels}
     for key, value in config.model_config.items():
-        if key in model_config and value != model_config[key]:
+        if key in expected and value != expected[key]:
             raise ValueError(
                 f"model_config[{key!r}]={value!r} contradicts the data and config "
-                f"({key}={model_config[key]!r}, from data / class_conditional); "
+                f"({key}={expected[key]!r}, from data / class_conditional); "
                 "remove it from model_config")
     return {**model_config, **config.model_config}
 

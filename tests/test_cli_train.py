@@ -144,7 +144,9 @@ def test_sample_with_classifier_free_guidance_and_one_label(trained_run, tmp_pat
             (out, "--guidance-scale=-1", "--guidance-scale must be a finite number"),
             (out, "--label=5", "--label must be a class in [0, 5)"),
             (out, "--label=-1", "--label must be a class in [0, 5)"),
-            (trained_run, "--label=0", "in [0, 0) of this unconditional")):
+            (trained_run, "--label=0", "in [0, 0) of this unconditional"),
+            (trained_run, "--steps=0", "--steps must be in [1, "),  # were named steps / eta
+            (trained_run, "--eta=-1", "--eta must lie in [0, 1]")):
         with pytest.raises(SystemExit) as exc:
             main(["sample", str(run), option, "--out", str(tmp_path / "x")])
         assert exc.value.code == 2

@@ -232,6 +232,16 @@ def test_wrong_types_in_a_config_are_refused_not_coerced(kind, config, arg):
         create_model(kind, **config)
 
 
+def test_timestep_embedding_widths():
+    """An odd width is zero-padded; dim=1 (no sinusoid) returned width 0."""
+    t = torch.arange(3)
+    for dim in (1, 2, 5, 8):
+        emb = timestep_embedding(t, dim)
+        assert emb.shape == (3, dim) and emb.dtype == torch.float32
+    assert torch.equal(timestep_embedding(t, 1), torch.zeros(3, 1))
+    assert torch.equal(timestep_embedding(t, 5)[:, :4], timestep_embedding(t, 4))
+
+
 def test_bad_names_and_inputs():
     with pytest.raises(ValueError, match="name"):
         create_model("resnet")
@@ -256,6 +266,9 @@ def test_bad_names_and_inputs():
     for bad_t in (None, "5", object()):
         with pytest.raises(TypeError, match="t must be a number or a tensor"):
             model(x, bad_t)
+    for big in (2**70, [1, 2**70]):  # an int: blamed on its type before
+        with pytest.raises(ValueError, match="t is out of range"):
+            model(x, big)
     for bad_x in (x.long(), x.numpy()):
         with pytest.raises(TypeError, match="x must be a floating torch.Tensor"):
             model(bad_x, torch.zeros(2))

@@ -480,7 +480,7 @@ def test_resume_refuses_clusters_that_changed(tmp_path):
 
 
 def test_model_config_contradicting_the_data_writes_nothing(tmp_path):
-    for bad in ({"image_size": 12}, {"in_channels": 1}, {"num_classes": 2}):
+    for bad in ({"image_size": 12}, {"in_channels": 1}, {"num_classes": 2}, {"out_channels": 6}):
         with pytest.raises(ValueError, match=f"model_config\\['{next(iter(bad))}'\\]"):
             Trainer(tiny(tmp_path, model_config={**TINY_DIT, **bad}))
         assert not (tmp_path / "run").exists()

@@ -47,6 +47,8 @@ def run(args) -> int:
     if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
         raise ValueError("--steps and --eta apply to --sampler ddim (DDPM runs all T steps "
                          "with eta 1)")
+    if args.eta is not None and not 0 <= args.eta <= 1:  # (NaN too)
+        raise ValueError(f"--eta must lie in [0, 1], got {args.eta}")
     if not 0 <= args.guidance_scale < float("inf"):
         raise ValueError(f"--guidance-scale must be a finite number >= 0, got "
                          f"{args.guidance_scale}")
@@ -60,6 +62,9 @@ def run(args) -> int:
     model, diffusion, state = load_model(path, ema=not args.no_ema, device=device)
     model.requires_grad_(False)
     mc = state["model_config"]
+    if args.steps is not None and not 1 <= args.steps <= diffusion.T:
+        raise ValueError(f"--steps must be in [1, {diffusion.T}] (the model's T), got "
+                         f"{args.steps}")
     scale = args.guidance_scale
     if scale != 1:
         if not mc.get("num_classes"):

@@ -38,8 +38,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    if dim % 2:  # (a zero column; dim=1 has no sinusoid at all)
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
     return emb
 
 
@@ -103,7 +103,9 @@ def prepare_inputs(model, x, t, y):
     if not isinstance(t, torch.Tensor):
         try:
             t = torch.tensor(t, device=x.device)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError) as exc:
+            if "overflow" in str(exc).lower():  # an int beyond int64: a value, not a type
+                raise ValueError(f"t is out of range for a tensor ({exc})") from None
             raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}") from None
     if t.dim() == 0:
         t = t.expand(batch)
