@@ -206,10 +206,14 @@ class AffinityResult:
 def _batches(data, batches, batch_size, seed, device):
     from .data import make_loader
 
-    # a tensor is a dataset of images, like any object with len + indexing (it had been one
-    # batch, whatever batch_size said)
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
-            data, (list, tuple)):
+    if isinstance(data, torch.Tensor) and batch_size is None:
+        if batches > 1:
+            raise ValueError(f"data: a tensor without batch_size is one batch; give batch_size "
+                             f"to draw batches={batches} from its images")
+        data = [data]  # one batch: all of it
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
+            data, (list, tuple)):  # a dataset (a tensor with a batch_size too)
+        batch_size = 16 if batch_size is None else batch_size
         if len(data) == 0:
             raise ValueError("data: the dataset is empty")
         if check_int("batch_size", batch_size, 1) > len(data):
@@ -242,7 +246,8 @@ def _trainable(model, i):
 
 def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | None = None,
                       M: int | None = None, d: int = 4096, exact: bool = False,
-                      batches: int = 1, batch_size: int = 16, timesteps: str = "center",
+                      batches: int = 1, batch_size: int | None = None,
+                      timesteps: str = "center",
                       interpolation: str = "constant", seed: int = 0, ema: bool = True,
                       timesteps_per_pass="auto", model=None, device=None,
                       progress: bool = False) -> AffinityResult:
@@ -251,9 +256,11 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
     Args:
         models: an ``nn.Module``, a checkpoint file / run folder (all its checkpoints), or a list
             of modules, paths or state dicts (state dicts are loaded into ``model``).
-        data: a dataset (``len`` + indexing, e.g. an (N, C, H, W) tensor of images; batched
-            with ``make_loader``) or a list / other iterable of batches (tensors or ``(x, y)``
-            pairs). The first ``batches`` batches are used for every timestep and checkpoint.
+        data: a dataset (``len`` + indexing; batched with ``make_loader``, ``batch_size``
+            images per batch, default 16), a list / other iterable of batches (tensors or
+            ``(x, y)`` pairs), or an (N, C, H, W) tensor: one batch, or a dataset of images
+            when ``batch_size`` is given. The first ``batches`` batches are used for every
+            timestep and checkpoint.
         diffusion: a :class:`GaussianDiffusion` for the default loss and for T (from the
             checkpoint's config when loading checkpoints).
         loss_fn: ``loss_fn(model, x0, t)`` (``loss_fn(model, x0, t, y)`` when the model has a
@@ -349,7 +356,7 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
         iterator = tqdm(iterator, desc="affinity", leave=False)
     rows, sketch, engine = None, None, None
     # eval() for the estimate; the caller's modules go back to train / eval as they were
-    modes = [(m, m.training) for m in models if isinstance(m, nn.Module)]
+    modes = [(s, s.training) for m in models if isinstance(m, nn.Module) for s in m.modules()]
     try:
         for c, chunk in iterator:
             if chunk[0] == 0:
@@ -410,8 +417,10 @@ def estimate_affinity(models, data, *, diffusion=None, loss_fn=None, T: int | No
                 if files is not None:
                     models[c] = files[c]  # drop the loaded model
     finally:
+        if engine is not None:  # an error mid-model left its hooks on the caller's module
+            engine.remove()
         for module, training in modes:
-            module.train(training)
+            module.training = training  # each submodule's own flag (a frozen BatchNorm too)
     grid = total / len(models)
     matrix = expand_grid(grid, T, interpolation,
                          centers=centers if timesteps == "center" else None)

@@ -254,9 +254,10 @@ def test_default_diffusion_loss_on_a_dataset():
     assert np.isfinite(r.matrix).all()
 
 
-def test_a_tensor_is_a_dataset_and_the_models_keep_their_mode():
-    """A bare (N, C, H, W) tensor was one batch whatever batch_size said, and the caller's
-    model was left in eval mode (dropout silently off for the training that follows)."""
+def test_a_tensor_with_a_batch_size_is_a_dataset_and_the_models_keep_their_mode():
+    """A bare (N, C, H, W) tensor was one batch whatever batch_size said (without batch_size
+    it still is), and the caller's model was left in eval mode (dropout silently off for the
+    training that follows)."""
     diffusion = GaussianDiffusion("cosine", 40)
     images = ProceduralShapes(16, 8, seed=0).images
     model = small_model(0).train()
@@ -264,12 +265,26 @@ def test_a_tensor_is_a_dataset_and_the_models_keep_their_mode():
                           batch_size=4)
     assert r.metadata["batch_size"] == 4 and np.isfinite(r.matrix).all()
     assert model.training
+    whole = estimate_affinity(model, images, diffusion=diffusion, M=4, d=256)
+    assert whole.metadata["batch_size"] == 16
+    with pytest.raises(ValueError, match="a tensor without batch_size is one batch"):
+        estimate_affinity(model, images, diffusion=diffusion, M=4, d=256, batches=2)
     frozen = small_model(1).eval()
     estimate_affinity(frozen, images, diffusion=diffusion, M=4, d=256, batch_size=4)
     assert not frozen.training
     with pytest.raises(ValueError, match="batch_size=32 exceeds the dataset's 16 images"):
         estimate_affinity(model, images, diffusion=diffusion, M=4, batch_size=32)
     assert model.training  # also after an error
+    # each submodule keeps its own mode (a frozen norm layer in a training model)
+    model.final_norm.train(False)
+    estimate_affinity(model, images, diffusion=diffusion, M=4, d=256, batch_size=4)
+    assert model.training and not model.final_norm.training
+    # an error half-way through leaves no engine hooks on the caller's model
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ValueError, match="not finite"):
+        estimate_affinity(model, images * float("nan"), diffusion=diffusion, M=4, d=256,
+                          batch_size=4, timesteps_per_pass=2)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
 
 
 @pytest.fixture(scope="module")

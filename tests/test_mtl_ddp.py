@@ -9,6 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ant_core import mtl
+from ant_core.affinity import estimate_affinity
+from ant_core.diffusion import GaussianDiffusion
+from ant_core.models import create_model
 from ant_core.clustering import IntervalClusters
 from ant_core.sampling import StratifiedSampler
 
@@ -96,6 +99,13 @@ def _worker(rank, port, out_dir):
         if rank == 0:
             results["own_group"] = _train("pcgrad/one-backward", lambda step: _batches(step)[0],
                                           process_group=own)
+            # an engine used on its own (the affinity estimate) keeps its verdict local
+            torch.manual_seed(0)
+            model = create_model("dit", image_size=8, patch_size=4, hidden_size=16, depth=1,
+                                 num_heads=2)
+            results["affinity"] = torch.as_tensor(estimate_affinity(
+                model, torch.rand(8, 3, 8, 8) * 2 - 1, diffusion=GaussianDiffusion("linear", 20),
+                M=4, d=64, batch_size=4, timesteps_per_pass=2).matrix)
         absent = lambda step: _batches_with_absent_tasks(step)[rank]  # noqa: E731
         results.update({f"absent/{name}": _train(name, absent) for name in ABSENT_METHODS})
         sampler = StratifiedSampler(IntervalClusters.from_bounds([(0, 4), (4, 10)]), seed=3)
@@ -129,6 +139,7 @@ def test_two_ranks_match_one_process_on_union(tmp_path):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0][name], single, rtol=1e-7, atol=1e-10)
         assert not torch.equal(single, _train("ew", _union)) or name == "ew"
+    assert torch.isfinite(ranks[0]["affinity"]).all() and "affinity" not in ranks[1]
     torch.testing.assert_close(ranks[0]["own_group"],
                                _train("pcgrad/one-backward", lambda step: _batches(step)[0]),
                                rtol=0, atol=0)

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from ..checks import check_bool, check_int
-from .distributed import all_reduce_sum
 from .layer_gradients import TaskSegments, find_handler
 from .task_gradients import TaskGradients, task_gramian
 
@@ -137,8 +136,9 @@ class OneBackwardEngine:
     parameter), raising ValueError with the offending parameters' names otherwise. A parameter
     counts as checked once its reference gradient was finite and non-zero (a zero-initialised
     output layer leaves most gradients 0 at step 0); checking stops when all are checked, or
-    after ``VERIFY_CALLS`` calls. Under DDP the verdict is all-reduced over ``process_group``
-    (set by the method the engine is given to: that method's group), so ranks agree.
+    after ``VERIFY_CALLS`` calls. Under DDP the verdict is all-reduced over the process group
+    of the gradient method the engine is given to (``verdict_reduce``, set by that method), so
+    ranks agree; used on its own (e.g. by ``estimate_affinity``) it stays local.
     """
 
     VERIFY_CALLS = 10
@@ -152,7 +152,7 @@ class OneBackwardEngine:
         if not verify_rtol > 0:
             raise ValueError(f"verify_rtol must be > 0, got {verify_rtol}")
         self.model = model
-        self.process_group = None  # the DDP group of the verification verdict (see above)
+        self.verdict_reduce = None  # the DDP all-reduce of the verdict; None: local (see above)
         self.low_memory = low_memory
         self.verify, self.verify_rtol = verify, float(verify_rtol)
         self._verify_calls, self._unverified = 0, None
@@ -312,7 +312,8 @@ class OneBackwardEngine:
         floor = 1e-6 * torch.linalg.vector_norm(torch.where(checked, ref, 0.0))
         wrong = checked & (err > self.verify_rtol * (ref + own) + floor)
         flags = torch.stack([wrong, checked]).double()
-        all_reduce_sum([flags], self.process_group)  # the same verdict and next step per rank
+        if self.verdict_reduce is not None:  # the same verdict and next step on every rank
+            self.verdict_reduce([flags])
         wrong, checked = (flags > 0).cpu().tolist()
         self._unverified -= {id(p) for p, c in zip(params, checked) if c}
         self._verify_calls += 1

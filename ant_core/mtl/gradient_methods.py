@@ -15,6 +15,7 @@ not refresh its weights costs what a loss-weighting method costs (P entries, one
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -35,7 +36,8 @@ class _GradientMethod(MTLMethod):
         super().__init__(num_tasks, process_group=process_group)
         self.engine = resolve_engine(engine)
         if isinstance(self.engine, OneBackwardEngine):  # its verdict's all-reduce: our group
-            self.engine.process_group = process_group
+            self.engine.verdict_reduce = functools.partial(distributed.all_reduce_sum,
+                                                           process_group=process_group)
 
     def _solve(self, gramian: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
