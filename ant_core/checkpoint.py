@@ -148,6 +148,9 @@ def load_resume_checkpoint(resume, directory, config):
     if changed:
         raise ValueError(f"resume: config field(s) {changed} differ from the checkpoint "
                          f"{path} (only {list(RESUME_MUTABLE)} may change)")
+    for k in PATH_FIELDS:  # the same file named another way (a link): the run keeps its name
+        if saved.get(k) != getattr(config, k) and os.path.isabs(saved.get(k) or ""):
+            object.__setattr__(config, k, saved[k])
     if state["step"] >= config.steps:
         raise ValueError(f"resume: checkpoint {path} is at step {state['step']}; "
                          f"steps={config.steps} leaves nothing to do")

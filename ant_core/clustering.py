@@ -279,8 +279,8 @@ def interval_clustering(
     satisfies the quadrangle inequality (proven for the deviation objectives on monotone series,
     checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed, except for a series
     whose partial sums' rounding (about 8 k eps times the whole series' cost) reaches its
-    smallest gap between values (squared for sse) while the exact DP is affordable
-    (k T^2 <= 1e9): near-ties decided by rounding can lead monge's pruning past the optimum
+    smallest gap between values (squared for sse) while the exact DP is cheap
+    (k T^2 <= 1e8, about 50 ms): near-ties decided by rounding can lead monge's pruning past the optimum
     (by about that rounding). Both return the same optimum and the same tie-breaking: among
     equally good partitions the most balanced one (smallest sum of squared sizes), then the
     smallest boundaries compared from the last.
@@ -359,7 +359,7 @@ def interval_clustering(
     )
 
 
-_AFFORDABLE_EXACT = 1e9  # k T^2 of an exact solve that takes about half a second
+_AFFORDABLE_EXACT = 1e8  # k T^2 of an exact solve that takes about 50 ms
 
 
 def _rounding_below_resolution(series: np.ndarray, k: int, kind: str) -> bool:
@@ -368,19 +368,19 @@ def _rounding_below_resolution(series: np.ndarray, k: int, kind: str) -> bool:
     that reaches the data's own resolution (its smallest gap, squared for sse) near-ties are
     decided by rounding, and the divide and conquer can narrow its search past the optimum
     (abs next to values of 1e16 with max_size: cost 3, where the optimum is 2)."""
-    gaps = np.abs(np.diff(series))
-    gaps = gaps[gaps > 0]
-    if gaps.size == 0:
-        return True
     power = 2 if kind == "sse" else 1
-    with np.errstate(over="ignore"):  # an overflow: not safe, and the solver says why
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: not safe; the solver says why
+        gaps = np.abs(np.diff(series))
+        gaps = gaps[gaps > 0]
+        if gaps.size == 0:
+            return True
         whole = (np.abs(series - series[series.size // 2]) ** power).sum()
         return bool(8 * k * whole * np.finfo(float).eps < gaps.min() ** power)
 
 
 def _monotone_direction(x: np.ndarray) -> int:
-    d = np.diff(x)
-    return 1 if np.all(d >= 0) else (-1 if np.all(d <= 0) else 0)
+    later, earlier = x[1:], x[:-1]  # compared, not subtracted (1.7e308 - -1.7e308 overflows)
+    return 1 if np.all(later >= earlier) else (-1 if np.all(later <= earlier) else 0)
 
 
 def interval_clustering_batched(

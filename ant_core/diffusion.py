@@ -182,7 +182,7 @@ class GaussianDiffusion:
                 f"{terminal:.3g}, far from pure noise, while sampling starts from N(0, I) at "
                 "t = T - 1: samples come out biased. Use a larger T, "
                 "the cosine schedule, or betas scaled to T (e.g. schedules.linear(T, 1e-4 * "
-                "1000 / T, 0.02 * 1000 / T))", stacklevel=4)
+                "1000 / T, 0.02 * 1000 / T) for T > 20)", stacklevel=4)
 
     @torch.no_grad()
     def sample_ddpm(self, model, shape, *, seed: int = 0, y=None, guidance_scale: float = 1.0,
@@ -193,9 +193,10 @@ class GaussianDiffusion:
         Deterministic under ``seed``. ``clip_x0`` clamps the predicted x_0 (None: no clamp);
         ``y`` and ``guidance_scale`` as in :meth:`sample_ddim`.
         """
-        return self.sample_ddim(model, shape, steps=self.T, eta=1.0, seed=seed, y=y,
-                                guidance_scale=guidance_scale, device=device, clip_x0=clip_x0,
-                                progress=progress)
+        self._warn_terminal_signal()
+        return self._sample(model, shape, steps=self.T, eta=1.0, seed=seed, y=y,
+                            guidance_scale=guidance_scale, device=device, clip_x0=clip_x0,
+                            progress=progress)
 
     @torch.no_grad()
     def sample_ddim(self, model, shape, *, steps: int | None = None, eta: float = 0.0, seed: int = 0,
@@ -218,6 +219,12 @@ class GaussianDiffusion:
         near pure noise: where ``alphas_cumprod[T - 1]`` exceeds 0.01 (the linear schedule below
         T of about 460, whose betas are not rescaled with T) a warning says so."""
         self._warn_terminal_signal()
+        return self._sample(model, shape, steps=steps, eta=eta, seed=seed, y=y,
+                            guidance_scale=guidance_scale, device=device, clip_x0=clip_x0,
+                            progress=progress)
+
+    def _sample(self, model, shape, *, steps, eta, seed, y, guidance_scale, device, clip_x0,
+                progress):
         steps = min(50, self.T) if steps is None else steps
         steps = check_int("steps", steps, 1, self.T)
         eta = check_float("eta", eta, 0)

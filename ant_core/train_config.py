@@ -23,7 +23,7 @@ PATH_FIELDS = ("data", "affinity")
 BUILTIN_DATA = ("shapes", "digits")
 #: config fields that may differ when resuming a run
 RESUME_MUTABLE = ("steps", "out", "log_every", "save_every", "keep_last", "sample_every",
-                  "num_samples", "sample_steps", "progress", "device")
+                  "num_samples", "sample_steps", "progress", "device", "compile")
 _CHOICES = {
     "prediction": PREDICTIONS, "schedule": tuple(sorted(SCHEDULES)), "objective": OBJECTIVES,
     "sampler": ("stratified", "uniform"), "weighting": ("none", "min_snr", "p2", "edm2"),

@@ -64,7 +64,8 @@ class Trainer:
             raise ValueError(
                 f"compile=True with amp={cfg.amp!r} on a CPU: torch.compile under CPU autocast "
                 "gave the UNet zero gradients in many layers (torch 2.13's inductor; eager AMP "
-                "and compiled float32 are right), so this pair is refused: drop one of them")
+                "and compiled float32 are right), so this pair is refused: drop one of them "
+                "(a resumed run can drop compile)")
         self.dataset = build_dataset(cfg)
         self.rank, self.world_size, self.device, self._created_group = \
             distributed_setup(cfg.device)

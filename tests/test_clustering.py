@@ -3,6 +3,7 @@ import itertools
 import json
 import subprocess
 import sys
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -208,6 +209,7 @@ def test_one_value_intervals_cost_exactly_zero(objective, values):
 @pytest.mark.parametrize("kwargs", [
     dict(k=2, objective="sse", values=[0.0, 1e200, 2e200, 3e200]),
     dict(k=2, objective="abs", values=[0.0, 1e308, 1.5e308]),
+    dict(k=2, objective="abs", values=[-1.7e308, 1.7e308]),  # their difference overflows
     dict(k=3, affinity=np.full((3, 3), 1e308)),
     dict(k=3, affinity=np.full((3, 3), 1e308), method="exact"),
     dict(k=2, affinity=np.full((3, 3), 1e308), objective="affinity_average"),
@@ -221,8 +223,10 @@ def test_one_value_intervals_cost_exactly_zero(objective, values):
                                     [0, 0, 0, 0]]), method="exact"),
 ])
 def test_finite_input_whose_costs_overflow_is_a_clear_error(kwargs):
-    with pytest.raises(ValueError, match="overflow double precision"):
-        interval_clustering(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error, not a numpy overflow warning before it
+        with pytest.raises(ValueError, match="overflow double precision"):
+            interval_clustering(**kwargs)
 
 
 @pytest.mark.parametrize("objective", ["affinity", "affinity_medoid", "affinity_average"])

@@ -323,8 +323,9 @@ def test_sampling_warns_where_the_schedule_does_not_end_in_noise():
     with pytest.warns(UserWarning, match="alphas_cumprod=0.6") as record:
         GaussianDiffusion("linear", 50).sample_ddim(model, (2, 1, 2, 2), steps=2)
     assert record[0].filename == __file__
-    with pytest.warns(UserWarning, match="far from pure noise"):
+    with pytest.warns(UserWarning, match="far from pure noise") as record:
         GaussianDiffusion("linear", 50).sample_ddpm(model, (2, 1, 2, 2))
+    assert record[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GaussianDiffusion("linear", 1000).sample_ddim(model, (2, 1, 2, 2), steps=2)

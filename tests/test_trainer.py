@@ -252,6 +252,10 @@ def test_compile_with_amp_on_a_cpu_is_refused(tmp_path):
         with pytest.raises(ValueError, match=f"compile=True with amp='{amp}' on a CPU"):
             Trainer(tiny(tmp_path, compile=True, amp=amp, device="cpu"))
     assert not (tmp_path / "run").exists()
+    # compile is an execution mode: a run may resume with it switched (e.g. a GPU run with
+    # compile and amp, continued on a CPU without compile)
+    train(tiny(tmp_path, steps=2))
+    Trainer(tiny(tmp_path, steps=3, compile=True), resume=True).close()
 
 
 def test_ema_matches_the_closed_form():
@@ -430,9 +434,13 @@ def test_data_and_affinity_paths_are_stored_absolute_and_resume_from_anywhere(
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"] == str(work / "sub" / "x.npy")
     monkeypatch.chdir(work / "sub")  # the same files, named from another folder
-    again = train(tiny(tmp_path, steps=3, data="x.npy", objective="affinity",
+    (work / "link.npy").symlink_to(work / "sub" / "x.npy")  # the same file through a link
+    again = train(tiny(tmp_path, steps=3, data="../link.npy", objective="affinity",
                        affinity="A.npy"), resume=True)
     assert again["step"] == 3
+    # the run keeps the name it was started with, not the link's
+    assert ckpt.load_checkpoint(again["checkpoint"])["config"]["data"] == saved["data"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == saved["data"]
     state = ckpt.load_checkpoint(again["checkpoint"])  # as written before: relative strings
     state["config"].update(data="sub/x.npy", affinity="sub/A.npy")
     ckpt.atomic_save(state, again["checkpoint"])

@@ -38,6 +38,7 @@ def run(args) -> int:
 
     import torch
 
+    from ..checkpoint import list_checkpoints
     from ..data import ProceduralShapes
     from ..metrics import evaluate
     from ..trainer import TrainConfig, Trainer
@@ -51,7 +52,7 @@ def run(args) -> int:
         (20 if quick else 1000 if args.model == "dit-tiny" else 500)
     num_eval = 16 if quick else 100
     out = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+    if list_checkpoints(out / "checkpoints"):  # the trainer's own test of "holds a run"
         if not args.overwrite:
             raise ValueError(f"--out {out} already holds a run's checkpoints: pass "
                              "--overwrite to replace them, or choose another --out")
