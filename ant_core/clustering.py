@@ -279,9 +279,9 @@ def interval_clustering(
     satisfies the quadrangle inequality (proven for the deviation objectives on monotone series,
     checked exactly otherwise); ``"auto"`` uses monge whenever it is allowed, except for a series
     whose partial sums' rounding (about 8 k eps times the whole series' cost) reaches its
-    smallest gap between values (squared for sse) while the exact DP is cheap
-    (k T^2 <= 1e8, about 50 ms): near-ties decided by rounding can lead monge's pruning past the optimum
-    (by about that rounding). Both return the same optimum and the same tie-breaking: among
+    smallest gap between values (squared for sse) while the exact DP is cheap (k T^2 <= 1e8,
+    about 0.1 s on 2 cores): near-ties decided by rounding can lead monge's pruning past the
+    optimum (by about that rounding). Both return the same optimum and the same tie-breaking: among
     equally good partitions the most balanced one (smallest sum of squared sizes), then the
     smallest boundaries compared from the last.
 
@@ -359,7 +359,7 @@ def interval_clustering(
     )
 
 
-_AFFORDABLE_EXACT = 1e8  # k T^2 of an exact solve that takes about 50 ms
+_AFFORDABLE_EXACT = 1e8  # k T^2 of an exact solve of about 0.1 s (2-core CPU)
 
 
 def _rounding_below_resolution(series: np.ndarray, k: int, kind: str) -> bool:

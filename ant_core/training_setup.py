@@ -47,10 +47,12 @@ def build_model_config(config: TrainConfig, dataset) -> dict:
         raise ValueError(f"class_conditional=True but data={config.data!r} has no labels")
     model_config = {"image_size": dataset.image_size, "in_channels": dataset.channels,
                     "num_classes": num_classes}
-    # the training target has the data's channels: out_channels (when given) must be those
+    # the training target has the data's channels: out_channels (when given; None means
+    # in_channels to the models) must be those
     expected = {**model_config, "out_channels": dataset.channels}
     for key, value in config.model_config.items():
-        if key in expected and value != expected[key]:
+        if key in expected and value != expected[key] and \
+                not (key == "out_channels" and value is None):
             raise ValueError(
                 f"model_config[{key!r}]={value!r} contradicts the data and config "
                 f"({key}={expected[key]!r}, from data / class_conditional); "

@@ -494,6 +494,7 @@ def test_model_config_contradicting_the_data_writes_nothing(tmp_path):
         assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="method_config"):
         Trainer(tiny(tmp_path, method="famo", method_config={"lr": "fast"}))
+    Trainer(tiny(tmp_path, model_config={**TINY_DIT, "out_channels": None})).close()  # = data's
 
 
 # ----------------------------------------------------------------------------- failures

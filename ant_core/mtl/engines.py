@@ -312,8 +312,9 @@ class OneBackwardEngine:
         floor = 1e-6 * torch.linalg.vector_norm(torch.where(checked, ref, 0.0))
         wrong = checked & (err > self.verify_rtol * (ref + own) + floor)
         flags = torch.stack([wrong, checked]).double()
-        if self.verdict_reduce is not None:  # the same verdict and next step on every rank
-            self.verdict_reduce([flags])
+        reduce = getattr(self, "verdict_reduce", None)  # (absent from engines pickled earlier)
+        if reduce is not None:  # the same verdict and next step on every rank
+            reduce([flags])
         wrong, checked = (flags > 0).cpu().tolist()
         self._unverified -= {id(p) for p, c in zip(params, checked) if c}
         self._verify_calls += 1
