@@ -205,7 +205,8 @@ def write_markdown(summary: dict, path: Path) -> None:
         f"Versions: {json.dumps(rec['versions'])}. Machine: {json.dumps(rec['machine'])}. "
         f"Wall time of this invocation: {rec['wall_seconds_this_invocation']:.1f} s; per-run "
         "wall times in the last column and, with every number's seed, in "
-        "`results/<config>/seed<S>.json`.", "",
+        "`results/<config>/seed<S>.json` (runs share the machine with --jobs: vanilla runs "
+        "first, at most one per seed at a time, so its wall time is not comparable).", "",
         summary_table(summary), "",
         f"Statistics: {summary['statistics']['spread']}; Δ = {summary['statistics']['difference']}"
         f"; verdict on {summary['statistics']['verdict_metric']}.", "",
