@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mtl
-from .checks import check_float
+from .checks import TORCH_SEEDS, check_float
 from .diffusion import PREDICTIONS
 from .schedules import SCHEDULES
 
@@ -100,7 +100,7 @@ class TrainConfig:
             raise ValueError(f"a config must be a mapping of field names, got "
                              f"{type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(map(repr, set(values) - names))  # (keys of any type, e.g. YAML's 1)
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(names)}")
         config = cls(**values)
@@ -163,6 +163,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not self.data:
             raise ValueError("data must not be empty (a built-in name, a folder or a file)")
+        if not self.out:  # "" would write the whole run into the current folder
+            raise ValueError("out must not be empty (the run folder)")
+        if self.affinity == "":  # "" exists: the current folder
+            raise ValueError("affinity must not be empty (a T x T .npy file, or null)")
+        if self.seed > TORCH_SEEDS[1]:
+            raise ValueError(f"seed must be <= {TORCH_SEEDS[1]} (torch's seed range), got "
+                             f"{self.seed}")
         if self.k > self.T:
             raise ValueError(f"k must be <= T, got k={self.k} > T={self.T}")
         if self.sample_steps > self.T:
@@ -220,7 +227,10 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text: {exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -242,16 +252,35 @@ def read_config_file(path) -> dict:
 
 
 def _yaml_loader(yaml):
-    """PyYAML's safe loader, reading floats as YAML 1.2 does: ``1e-3`` and ``5E4`` are numbers
-    (YAML 1.1, PyYAML's default, needs a dot and a signed exponent: ``1.0e-3``)."""
+    """PyYAML's safe loader with YAML 1.2's numbers (the core schema): ``1e-3``, ``5E4``,
+    ``-.5`` are floats and ``010`` is ten. PyYAML follows YAML 1.1, where the first two need a
+    dot and a signed exponent, ``-.5`` is a string, ``010`` is octal 8 and ``1:30`` is 90."""
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
     class Loader(yaml.SafeLoader):
         pass
 
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(  # before the float pattern, which also matches "10"
+        int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
     Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        float_tag, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
         list("-+0123456789."))
+
+    def construct_int(loader, node):
+        text = loader.construct_scalar(node)
+        base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+        return int(text[2:] if base != 10 else text, base)
+
+    def construct_float(loader, node):
+        text = loader.construct_scalar(node).lower()
+        return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+    Loader.add_constructor(int_tag, construct_int)
+    Loader.add_constructor(float_tag, construct_float)
     return Loader
 
 

@@ -185,6 +185,24 @@ def test_load_image_folder_classes_are_top_level_folders(tmp_path):
     _write_png(tmp_path / "loose.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="images outside them .*loose.png"):
         load_image_folder(tmp_path, image_size=4)
+    one = tmp_path / "one"  # a single class folder is one class (it was unlabelled)
+    (one / "only").mkdir(parents=True)
+    _write_png(one / "only" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    data = load_image_folder(one, image_size=4)
+    assert data.num_classes == 1 and data.class_names == ("only",)
+
+
+def test_loader_uses_a_dataset_subclass_getitem():
+    """The loader read .images / .labels of anything that had them, skipping the dataset's own
+    __getitem__ (augmentation, a view)."""
+    class Flipped(ImageDataset):
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return -x, y
+
+    data = Flipped(torch.full((4, 1, 4, 4), 0.5), torch.arange(4))
+    x, y = next(iter(make_loader(data, 4, shuffle=False)))
+    assert torch.equal(x, torch.full((4, 1, 4, 4), -0.5)) and y.tolist() == [0, 1, 2, 3]
 
 
 def test_load_image_folder_refuses_16_bit_and_float_images(tmp_path):

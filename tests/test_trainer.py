@@ -1,6 +1,7 @@
 """The training loop (ant_core.trainer): optimisation, exact resume, DDP, failure handling."""
 import datetime
 import json
+import math
 import os
 import signal
 import socket
@@ -495,6 +496,11 @@ def test_model_config_contradicting_the_data_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="method_config"):
         Trainer(tiny(tmp_path, method="famo", method_config={"lr": "fast"}))
     Trainer(tiny(tmp_path, model_config={**TINY_DIT, "out_channels": None})).close()  # = data's
+    for field, value, message in (("out", "", "out must not be empty"),
+                                  ("affinity", "", "affinity must not be empty"),
+                                  ("seed", 2**64, "seed must be <= 18446744073709551615")):
+        with pytest.raises(ValueError, match=message):  # "" wrote the run into the cwd
+            tiny(tmp_path, **{field: value}).validate()
 
 
 # ----------------------------------------------------------------------------- failures
@@ -549,6 +555,7 @@ def test_load_model_of_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
     ({"weighting": "edm2", "method": "pcgrad"}, "weighting"),
     ({"weighting": "edm2", "method": "uw"}, "weighting"),
     ({"data": ""}, "data must not be empty"),
+    ({1: 2, "foo": 3}, r"unknown config field\(s\) \[\"'foo'\", '1'\]"),  # mixed key types
 ])
 def test_bad_config_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
@@ -573,9 +580,19 @@ def test_config_files(tmp_path):
     cfg = TrainConfig.from_file(tmp_path / "f.yaml")
     assert (cfg.lr, cfg.uw_lr, cfg.steps) == (1e-3, 0.025, 4)
     assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}      # PyYAML's own loader is untouched
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        TrainConfig.from_file(tmp_path / "bad.json")
     (tmp_path / "q.yaml").write_text("lr: '1e-3'\n")
     with pytest.raises((TypeError, ValueError), match="lr"):
         TrainConfig.from_file(tmp_path / "q.yaml")
+    # YAML 1.2 numbers otherwise too: -.5 was a string, 010 octal 8, 1:30 base-60 90
+    from ant_core.train_config import read_config_file
+    (tmp_path / "n.yaml").write_text("a: -.5\nb: +.5\nc: 010\nd: 1:30\ne: 0x1F\nf: 0o10\n"
+                                     "g: -.inf\nh: 1.\n")
+    assert read_config_file(tmp_path / "n.yaml") == {
+        "a": -0.5, "b": 0.5, "c": 10, "d": "1:30", "e": 31, "f": 8, "g": -math.inf, "h": 1.0}
+    assert yaml.safe_load("c: 010") == {"c": 8}
 
 
 def test_missing_data_path_writes_nothing(tmp_path):

@@ -77,7 +77,7 @@ def load_image_folder(path, image_size: int, grayscale: bool = False) -> ImageDa
             img = img.resize((image_size, image_size), Image.BICUBIC)
             arrays.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, -1))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    if len(names) > 1:
+    if names:  # class sub-folders (one is one class, as in torchvision's ImageFolder)
         labels = torch.tensor([names.index(g) for g in groups])
         return ImageDataset(images, labels, len(names), names)
     return ImageDataset(images)

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ..checks import check_int
+from .dataset import ImageDataset
 
 __all__ = ["InfiniteLoader", "make_loader"]
 
@@ -44,7 +45,9 @@ class InfiniteLoader:
 
     def _take(self, indices: np.ndarray):
         index = torch.from_numpy(indices)
-        if hasattr(self.dataset, "images") and hasattr(self.dataset, "labels"):
+        # an ImageDataset's tensors are indexed at once; anything else (a subclass with its own
+        # __getitem__ too) goes through __getitem__
+        if type(self.dataset).__getitem__ is ImageDataset.__getitem__:
             return self.dataset.images[index], self.dataset.labels[index]
         items = [self.dataset[int(i)] for i in indices]
         if isinstance(items[0], (tuple, list)) and len(items[0]) == 1:  # images only
