@@ -386,6 +386,15 @@ def test_load_array_checks_its_options(tmp_path):
             load_array(tmp_path / "ok.npy", value_range=value_range)
     with pytest.raises(ValueError, match="layout must be"):
         load_array(tmp_path / "ok.npy", layout="bogus")
+    np.save(tmp_path / "r.npy", np.full((2, 1, 4, 4), 15.0, np.float32))
+    data = load_array(tmp_path / "r.npy", value_range=np.array([10, 20]))  # a numpy range
+    assert torch.equal(data.images, torch.zeros(2, 1, 4, 4))
+    np.save(tmp_path / "i16.npy", np.full((2, 1, 4, 4), 1000, np.int16))
+    with pytest.raises(ValueError, match="integer images are read as 8-bit"):
+        load_array(tmp_path / "i16.npy")
+    np.savez(tmp_path / "obj.npz", images=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="obj.npz.* not a numeric"):
+        load_array(tmp_path / "obj.npz")
     np.save(tmp_path / "c5.npy", np.zeros((2, 5, 8, 8), np.float32))  # no axis <= 4
     with pytest.raises(ValueError, match="at most 4 channels.*layout='NHWC' or 'NCHW'"):
         load_array(tmp_path / "c5.npy")

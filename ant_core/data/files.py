@@ -118,7 +118,7 @@ def load_array(path, value_range="auto", layout: str = "auto",
     Accepted shapes: (N, H, W), (N, H, W, C) (typical for uint8) or (N, C, H, W) (typical for
     floats) with square images; ``layout`` forces the channel axis. ``.npz`` files hold the
     images under ``images``/``x``/``data``/``arr_0`` (or as their only array) and optional int
-    labels under ``labels``/``y``. ``value_range``: ``"auto"`` (uint8 -> [0, 255]; floats: [0, 1]
+    labels under ``labels``/``y``. ``value_range``: ``"auto"`` (integers -> [0, 255]; floats: [0, 1]
     if all values lie there, else [-1, 1], else [0, 255]) or an explicit ``(low, high)``.
     Values outside the range raise ValueError; nothing is clipped. ``image_size`` (optional)
     resizes the images (bilinear, antialiased) when it differs from theirs.
@@ -135,9 +135,13 @@ def load_array(path, value_range="auto", layout: str = "auto",
             if image_key is None:
                 raise ValueError(f"path={str(path)!r}: no images array among {keys} (use the key "
                                  "'images')")
-            array = data[image_key]
             label_key = next((k for k in ("labels", "y") if k in keys), None)
-            labels = None if label_key is None else data[label_key]
+            try:  # the arrays are read here (an object array is refused only now)
+                array = data[image_key]
+                labels = None if label_key is None else data[label_key]
+            except ValueError as exc:
+                raise ValueError(f"path={str(path)!r} is not a numeric .npy/.npz array "
+                                 f"({exc})") from None
     else:
         raise ValueError(f"path={str(path)!r} must be a .npy or .npz file")
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
@@ -151,8 +155,11 @@ def load_array(path, value_range="auto", layout: str = "auto",
     if not np.isfinite(data).all():
         raise ValueError(f"path={str(path)!r} contains NaN or infinite values")
     low, high = float(data.min()), float(data.max())
-    if value_range == "auto":
-        if array.dtype == np.uint8 or not np.issubdtype(array.dtype, np.floating):
+    if isinstance(value_range, str) and value_range == "auto":  # (a numpy range compares too)
+        if not np.issubdtype(array.dtype, np.floating):
+            if high > 255 or low < 0:
+                raise ValueError(f"{array.dtype} values in [{low}, {high}]: integer images are "
+                                 "read as 8-bit, [0, 255]; pass value_range=(low, high)")
             value_range = (0.0, 255.0)
         else:
             value_range = next((r for r in ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0))
