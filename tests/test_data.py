@@ -395,6 +395,9 @@ def test_load_array_checks_its_options(tmp_path):
     np.savez(tmp_path / "obj.npz", images=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="obj.npz.* not a numeric"):
         load_array(tmp_path / "obj.npz")
+    for shape, dtype in (((5, 3, 4, 4), np.uint8), ((5, 4, 4, 3), np.float32)):
+        np.save(tmp_path / "tiny.npy", np.zeros(shape, dtype))  # 4 px: only one layout is square
+        assert load_array(tmp_path / "tiny.npy").images.shape == (5, 3, 4, 4)
     np.save(tmp_path / "c5.npy", np.zeros((2, 5, 8, 8), np.float32))  # no axis <= 4
     with pytest.raises(ValueError, match="at most 4 channels.*layout='NHWC' or 'NCHW'"):
         load_array(tmp_path / "c5.npy")

@@ -93,8 +93,13 @@ def _to_nchw(array: np.ndarray, layout: str) -> np.ndarray:
                          f"got {array.shape}")
     if layout == "auto":
         last, second = array.shape[-1] <= 4, array.shape[1] <= 4
-        if last and second:
-            layout = "NHWC" if array.dtype == np.uint8 else "NCHW"
+        if last and second:  # tiny images: the layout that makes them square, else by dtype
+            square_nhwc, square_nchw = array.shape[1] == array.shape[2], \
+                array.shape[2] == array.shape[3]
+            if square_nhwc != square_nchw:
+                layout = "NHWC" if square_nhwc else "NCHW"
+            else:
+                layout = "NHWC" if array.dtype == np.uint8 else "NCHW"
         elif last or second:
             layout = "NHWC" if last else "NCHW"
         else:
