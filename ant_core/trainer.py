@@ -70,6 +70,11 @@ class Trainer:
         self.rank, self.world_size, self.device, self._created_group = \
             distributed_setup(cfg.device)
         self.is_main = self.rank == 0
+        if self.is_main and Path(cfg.data).is_file() and \
+                self.dataset.image_size != cfg.image_size:  # arrays keep their own size
+            print(f"ant train: {cfg.data} holds {self.dataset.image_size} px images; the model "
+                  f"is built for them (image_size={cfg.image_size} applies to the built-in data "
+                  "and image folders only)")
         self.clusters = build_clusters(cfg)
         if resume_state is not None and \
                 IntervalClusters.from_dict(resume_state["clusters"]).bounds != self.clusters.bounds:

@@ -595,6 +595,17 @@ def test_config_files(tmp_path):
     assert yaml.safe_load("c: 010") == {"c": 8}
 
 
+def test_array_data_keeps_its_size_and_says_so(tmp_path, capsys):
+    """image_size applies to built-in data and folders; an array of 8 px images trained at
+    8 px while config.json said 16, without a word."""
+    np.save(tmp_path / "x.npy", ProceduralShapes(8, 8, seed=0).images.numpy())
+    trainer = Trainer(tiny(tmp_path, data=str(tmp_path / "x.npy"), image_size=16))
+    trainer.close()
+    assert trainer.model_config["image_size"] == 8
+    assert "holds 8 px images; the model is built for them (image_size=16" in \
+        capsys.readouterr().out
+
+
 def test_missing_data_path_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="data"):
         Trainer(tiny(tmp_path, data=str(tmp_path / "nope.npy")))
