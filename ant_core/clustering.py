@@ -326,8 +326,7 @@ def interval_clustering(
             return dp.solve_series(series, kind, k, min_size, size_cap, m)
     else:
         if objective == "cost_matrix":
-            matrix = _float_array("cost_matrix", cost_matrix, 2, upper=True)
-            matrix[np.tril_indices(len(matrix), -1)] = 0.0  # never read; keep it finite
+            matrix = _float_array("cost_matrix", cost_matrix, 2, upper=True)  # (l <= r read)
         else:
             centre = {"affinity": "middle", "affinity_medoid": "medoid", "affinity_average": "average"}
             matrix = dp.affinity_cost_matrix(_float_array("affinity", affinity, 2), centre[objective])

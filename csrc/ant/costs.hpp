@@ -43,11 +43,16 @@ inline void add_compensated(double hi, double lo, double v, double& out_hi, doub
   out_lo = err - (out_hi - s);
 }
 
-/// a - b = h + e exactly (Knuth's TwoSum).
+/// The rounding error of h = fl(a - b): a - b = h + e exactly (Knuth's TwoSum).
+inline double difference_error(double a, double b, double h) {
+  const double v = h - a;
+  return (a - (h - v)) - (b + v);
+}
+
+/// a - b = h + e exactly.
 inline void exact_difference(double a, double b, double& h, double& e) {
   h = a - b;
-  const double v = h - a;
-  e = (a - (h - v)) - (b + v);
+  e = difference_error(a, b, h);
 }
 
 /// a * b = p + e exactly (Dekker's product with Veltkamp's split; no FMA needed).
@@ -171,14 +176,11 @@ class AbsDeviationCost {
     double cost = (right + left) + low;
     // right and left are each about half the interval's deviation from the series' middle
     // value, and each is rounded: far from the middle they can be much larger than the cost
-    // they cancel to. There the two differences are redone exactly, as pairs, so the cost is
+    // they cancel to. There their rounding errors are added back (exact pairs), so the cost is
     // rounded once (to about eps times itself); elsewhere the error is below 4097 eps x cost.
-    if (std::fabs(right) + std::fabs(left) > 4096.0 * std::fabs(cost)) {
-      double r, r_err, l, l_err;
-      exact_difference(prefix_.hi[i], a_[m], r, r_err);
-      exact_difference(prefix_.hi[j], b_[m], l, l_err);
-      cost = (r + l) + ((r_err + l_err) + low);
-    }
+    if (std::fabs(right) + std::fabs(left) > 4096.0 * std::fabs(cost))
+      cost = (right + left) + ((difference_error(prefix_.hi[i], a_[m], right) +
+                                difference_error(prefix_.hi[j], b_[m], left)) + low);
     return runs_.constant(j, i) ? 0.0 : std::max(cost, 0.0);  // one value: already exactly 0
   }
 
