@@ -5,7 +5,7 @@ import numbers
 import numpy as np
 
 __all__ = ["check_int", "check_float", "check_bool", "check_int_sequence", "real_array",
-           "TORCH_SEEDS"]
+           "values_checkable", "TORCH_SEEDS"]
 
 #: the seeds torch.Generator.manual_seed takes (negative ones wrap around)
 TORCH_SEEDS = (-(2**63), 2**64 - 1)
@@ -82,3 +82,12 @@ def real_array(name: str, value, copy: bool = True):
         raise TypeError(f"{name} must be an array of real numbers, got {array.dtype} "
                         f"({type(value).__name__})")
     return np.array(array, dtype=np.float64, copy=copy or None)
+
+
+def values_checkable(tensor) -> bool:
+    """Whether a check may read ``tensor``'s values: a CPU tensor in eager mode. On a GPU the
+    read would sync with the device every call, and under torch.compile break the graph; the
+    value checks of the training-path functions are skipped there."""
+    import torch
+
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()

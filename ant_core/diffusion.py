@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 
-from .checks import TORCH_SEEDS, check_float, check_int
+from .checks import TORCH_SEEDS, check_float, check_int, values_checkable
 from .schedules import NoiseSchedule, get_schedule
 
 __all__ = ["GaussianDiffusion", "PREDICTIONS"]
@@ -71,10 +71,8 @@ class GaussianDiffusion:
         _check_integer_t(t)
         if batch is not None and t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-        # On the CPU a clear error; on a GPU reading t back would sync every step (and under
-        # torch.compile break the graph), so a bad t is left to index_select's bounds check.
-        if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() and \
-                not 0 <= int(t.min()) <= int(t.max()) < self.T:
+        # a clear error where t can be read (else index_select's bounds check catches it)
+        if values_checkable(t) and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < self.T:
             raise ValueError(f"t must lie in [0, {self.T}), got values in "
                              f"[{int(t.min())}, {int(t.max())}]")
         return t.long()

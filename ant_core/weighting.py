@@ -17,12 +17,12 @@ import math
 import torch
 from torch import nn
 
-from .checks import TORCH_SEEDS, check_float, check_int
+from .checks import TORCH_SEEDS, check_float, check_int, values_checkable
 
 __all__ = ["min_snr_weight", "p2_weight", "ContinuousUncertainty"]
 
-# SNR / log-SNR values are checked (ValueError) for CPU tensors in eager mode only: on a GPU the
-# check would read the device back every call, and under torch.compile it would break the graph.
+# SNR / log-SNR values are checked (ValueError) for CPU tensors in eager mode only
+# (checks.values_checkable).
 
 _TARGETS = ("eps", "v", "x0")
 
@@ -34,8 +34,8 @@ def _check_snr(snr, name="snr", allow_negative=False):
         raise ValueError(f"{name} must have shape (B,), got {tuple(snr.shape)}")
     if not snr.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {snr.dtype}")
-    if snr.device.type != "cpu" or torch.compiler.is_compiling():
-        return snr  # the value check would sync with a GPU every step / break a compiled graph
+    if not values_checkable(snr):
+        return snr
     bad = ~torch.isfinite(snr) if allow_negative else torch.isnan(snr) | (snr < 0)
     if bad.any():
         raise ValueError(f"{name} must be {'finite' if allow_negative else 'non-negative'}"

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_float
+from ..checks import check_float, values_checkable
 
 __all__ = [
     "timestep_embedding",
@@ -114,9 +114,7 @@ def prepare_inputs(model, x, t, y):
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"t must be an integer or float tensor, got {t.dtype}")
     t = t.to(x.device)
-    # a clear error on the CPU; on a GPU the check would sync every forward pass
-    if t.is_floating_point() and t.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and values_checkable(t) and not bool(torch.isfinite(t).all()):
         raise ValueError("t must be finite, got NaN or infinite timesteps")
     if model.num_classes is None:
         if y is not None:
